@@ -1,0 +1,3 @@
+"""mdfer: multi-domain facial expression recognition trained on Ray."""
+
+__version__ = "0.1.0"

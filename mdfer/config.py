@@ -1,0 +1,308 @@
+"""The one YAML configuration, loaded into dataclasses and validated before any work starts.
+
+Every error names the file and the dotted key at fault, so a typo costs seconds, not a cluster
+slot. Datasets ("domains") live here, not in code: a new dataset is a new list entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mdfer.errors import ConfigError
+
+DEFAULT_CONFIG = "default.yaml"
+GIVEN_SPLIT_NAMES = ("train", "val", "test")
+WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its own
+DOMAIN_HEAD = "domain"
+
+
+@dataclass
+class DomainConfig:
+    """One dataset: where it is, its classes, and how its folders map onto them."""
+
+    name: str
+    classes: list[str]
+    folders: dict[str, str]  # folder name (case-insensitive) -> class; aliases welcome
+    splits: dict[str, str]  # split name (train/val/test, or "all") -> folder under root
+    root: str | None = None  # local folder or s3:// prefix
+
+
+@dataclass
+class DataConfig:
+    domains: list[DomainConfig]
+    val_fraction: float = 0.1  # carved out of train when no val split is given
+    test_fraction: float = 0.15  # carved out of train when no test split is given
+    split_seed: int = 1234
+    min_image_side: int = 16  # smaller images are rejected as unusable
+    shard_rows: int = 4096
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    max_shift: float = 0.08  # fraction of the image side
+    max_rotation_deg: float = 10.0
+    brightness: float = 0.2  # +- fraction of full scale
+    contrast: float = 0.2  # +- fraction
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int = 32  # global: summed over all workers
+    domain_mix: dict[str, float] = field(default_factory=dict)  # empty: by dataset size
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shuffle_buffer: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64
+    weights: str = "none"  # none | imagenet | path or s3:// URI of a weights file
+    dropout: float = 0.2
+
+
+@dataclass
+class StageConfig:
+    name: str
+    lr: float
+    loss_weights: dict[str, float]  # one per dataset, plus "domain"
+    frozen_fraction: float
+    epochs: int
+    patience: int = 3
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig]
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    mixed_precision: bool = False
+    label_smoothing: float = 0.0
+    class_weighting: bool = False
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    train: TrainConfig
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: str = "<embedded default>"  # the file it came from, for error messages
+
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.data.domains]
+
+    def domain(self, name: str) -> DomainConfig:
+        return next(d for d in self.data.domains if d.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, data_roots: dict[str, str] | None = None) -> Config:
+    """Load and validate a config file (None: the embedded default); `data_roots` overrides roots."""
+    if path is None:
+        text = resources.files("mdfer.configs").joinpath(DEFAULT_CONFIG).read_text()
+        source = f"<embedded {DEFAULT_CONFIG}>"
+        base_dir = None
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text, source, base_dir = path.read_text(), str(path), path.parent
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    config = config_from_dict(raw, source)
+    for name, root in (data_roots or {}).items():
+        if name not in config.domain_names():
+            raise ConfigError(f"--data-root {name}=...: no dataset named {name!r} in {source} "
+                              f"(datasets: {', '.join(config.domain_names())})")
+        config.domain(name).root = root
+    for domain in config.data.domains:
+        if domain.root and base_dir is not None and "://" not in domain.root:
+            domain.root = str((base_dir / domain.root).resolve())
+    return config
+
+
+def config_from_dict(raw: Any, source: str) -> Config:
+    config = _build(Config, raw, "", source)
+    config.source = source
+    validate(config)
+    return config
+
+
+def _build(kind: Any, value: Any, key: str, source: str) -> Any:
+    """Turn YAML data into `kind`, rejecting unknown keys and wrong types by dotted key."""
+    where = key or "<top level>"
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(value)}")
+        hints = typing.get_type_hints(kind)
+        known = {f.name for f in dataclasses.fields(kind) if f.name != "source"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{source}: {_join(key, unknown[0])}: unknown key "
+                              f"(allowed: {', '.join(sorted(known))})")
+        args = {}
+        for f in dataclasses.fields(kind):
+            if f.name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ConfigError(f"{source}: {_join(key, f.name)}: required key is missing")
+                continue
+            args[f.name] = _build(hints[f.name], value[f.name], _join(key, f.name), source)
+        return kind(**args)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        inner = next(o for o in options if o is not type(None))
+        return _build(inner, value, key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a list, got {_kind(value)}")
+        (item,) = typing.get_args(kind)
+        return [_build(item, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(value)}")
+        key_kind, item = typing.get_args(kind)
+        return {_build(key_kind, k, f"{where} key", source): _build(item, v, _join(key, str(k)), source)
+                for k, v in value.items()}
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and (type(value) is kind):
+        return value
+    raise ConfigError(f"{source}: {where}: expected {kind.__name__}, got {_kind(value)} {value!r}")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    src = config.source
+    checks: list[tuple[bool, str, str]] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        checks.append((ok, key, message))
+
+    data = config.data
+    need(len(data.domains) >= 1, "data.domains", "at least one dataset is needed")
+    names = [d.name for d in data.domains]
+    need(len(set(names)) == len(names), "data.domains", f"dataset names repeat: {names}")
+    for i, d in enumerate(data.domains):
+        key = f"data.domains[{i}]"
+        need(d.name.isidentifier() and d.name != DOMAIN_HEAD, f"{key}.name",
+             f"{d.name!r} must be an identifier and not {DOMAIN_HEAD!r} (it names a model head)")
+        need(len(d.classes) >= 2, f"{key}.classes", "at least two classes are needed")
+        need(len(set(d.classes)) == len(d.classes), f"{key}.classes", "class names repeat")
+        lowered = [f.lower() for f in d.folders]
+        need(len(set(lowered)) == len(lowered), f"{key}.folders",
+             "folder names repeat when compared case-insensitively")
+        for folder, cls in d.folders.items():
+            need(cls in d.classes, f"{key}.folders.{folder}", f"maps to {cls!r}, not one of {d.classes}")
+        need(bool(d.splits), f"{key}.splits", "name at least one folder (train/val/test or all)")
+        for split in d.splits:
+            need(split in (*GIVEN_SPLIT_NAMES, WHOLE_DATASET), f"{key}.splits.{split}",
+                 f"unknown split; use {', '.join(GIVEN_SPLIT_NAMES)} or {WHOLE_DATASET}")
+        if WHOLE_DATASET in d.splits:
+            need(len(d.splits) == 1, f"{key}.splits", f"{WHOLE_DATASET!r} cannot be combined with other splits")
+        elif d.splits:
+            need("train" in d.splits, f"{key}.splits", "a train folder is needed")
+    need(0 < data.val_fraction < 0.5, "data.val_fraction", f"{data.val_fraction} is outside (0, 0.5)")
+    need(0 < data.test_fraction < 0.5, "data.test_fraction", f"{data.test_fraction} is outside (0, 0.5)")
+    need(data.min_image_side >= 1, "data.min_image_side", "must be >= 1")
+    need(data.shard_rows >= 16, "data.shard_rows", "must be >= 16")
+
+    model = config.model
+    need(model.image_size >= 32, "model.image_size", f"{model.image_size} is below 32")
+    need(0 <= model.dropout < 1, "model.dropout", f"{model.dropout} is outside [0, 1)")
+    need(bool(model.weights), "model.weights", "use none, imagenet, or a path / s3:// URI")
+
+    stream = config.stream
+    need(stream.batch_size >= 2, "stream.batch_size", "must be >= 2")
+    for name, share in stream.domain_mix.items():
+        need(name in names, f"stream.domain_mix.{name}", f"no dataset named {name!r}")
+        need(0 < share <= 1, f"stream.domain_mix.{name}", f"{share} is outside (0, 1]")
+    aug = stream.augment
+    need(0 <= aug.max_shift < 0.5, "stream.augment.max_shift", f"{aug.max_shift} is outside [0, 0.5)")
+    need(0 <= aug.max_rotation_deg <= 45, "stream.augment.max_rotation_deg", "must be within [0, 45]")
+    need(0 <= aug.brightness < 1, "stream.augment.brightness", "must be within [0, 1)")
+    need(0 <= aug.contrast < 1, "stream.augment.contrast", "must be within [0, 1)")
+
+    train = config.train
+    need(train.workers >= 1, "train.workers", "must be >= 1")
+    need(train.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+    need(train.gpus_per_worker >= 0, "train.gpus_per_worker", "must be >= 0")
+    need(0 <= train.label_smoothing < 1, "train.label_smoothing", "must be within [0, 1)")
+    need(train.max_failures >= 0, "train.max_failures", "must be >= 0")
+    need(stream.batch_size % train.workers == 0, "stream.batch_size",
+         f"{stream.batch_size} does not divide evenly over {train.workers} workers")
+    need(len(train.stages) >= 1, "train.stages", "at least one stage is needed")
+    heads = {*names, DOMAIN_HEAD}
+    for i, stage in enumerate(train.stages):
+        key = f"train.stages[{i}]"
+        need(stage.lr > 0, f"{key}.lr", f"{stage.lr} must be > 0")
+        need(0 <= stage.frozen_fraction <= 1, f"{key}.frozen_fraction",
+             f"{stage.frozen_fraction} is outside [0, 1]")
+        need(stage.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        need(stage.patience >= 1, f"{key}.patience", "must be >= 1")
+        need(set(stage.loss_weights) == heads, f"{key}.loss_weights",
+             f"needs exactly the heads {sorted(heads)}, got {sorted(stage.loss_weights)}")
+        for head, weight in stage.loss_weights.items():
+            need(weight >= 0, f"{key}.loss_weights.{head}", f"{weight} must be >= 0")
+
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{src}: {key}: {message}")
+
+
+def require_roots(config: Config) -> None:
+    """Data roots are only needed by `prepare`; check them there, by dataset name."""
+    for i, d in enumerate(config.data.domains):
+        if not d.root:
+            raise ConfigError(f"{config.source}: data.domains[{i}].root ({d.name}): missing; set it "
+                              f"in the config or pass --data-root {d.name}=PATH")
+        if "://" not in d.root and not Path(d.root).is_dir():
+            raise ConfigError(f"{config.source}: data.domains[{i}].root ({d.name}): "
+                              f"{d.root} is not a folder")
+
+
+def parse_data_roots(pairs: list[str]) -> dict[str, str]:
+    """`NAME=PATH` pairs from the command line."""
+    roots = {}
+    for pair in pairs:
+        name, sep, root = pair.partition("=")
+        if not sep or not name or not root:
+            raise ConfigError(f"--data-root {pair!r}: expected NAME=PATH")
+        roots[name] = root
+    return roots

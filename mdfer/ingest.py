@@ -1,0 +1,368 @@
+"""`mdfer prepare`: class-folder datasets -> validated, de-duplicated, split Parquet shards.
+
+Three passes, each with one job: scan (read, hash, decode every file; decide accept/reject),
+plan (drop duplicates, keep given splits, carve the missing ones, stratified and seeded), write
+(shards, then manifest.json last). Every scanned file ends up in exactly one of accepted,
+rejected or duplicates, and the manifest says which and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+import mdfer
+from mdfer.config import WHOLE_DATASET, Config, DomainConfig, require_roots
+from mdfer.errors import DataError
+from mdfer.storage import Store, resolve, storage_error
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, WHOLE_DATASET: 3}  # who keeps a duplicate
+READ_THREADS = 8
+SHARD_SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("domain", pa.string()),
+    ("domain_index", pa.int32()),
+    ("label", pa.int32()),
+    ("label_name", pa.string()),
+    ("split", pa.string()),
+    ("source_path", pa.string()),
+    ("content_hash", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+
+def dataset_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}"
+
+
+@dataclass
+class ScannedFile:
+    domain: str
+    given_split: str  # train/val/test from the folder layout, or "all"
+    path: str  # relative to the dataset root
+    size: int
+    content_hash: str = ""
+    label_name: str = ""
+    width: int = 0
+    height: int = 0
+    reason: str = ""  # why it was rejected; empty when accepted
+
+
+@dataclass
+class Plan:
+    """Which accepted file goes to which split; what was dropped and why."""
+
+    rows: list[tuple[ScannedFile, str]] = field(default_factory=list)  # (file, split)
+    rejected: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    scanned: int = 0
+
+
+# ---------------------------------------------------------------- scan
+
+
+def _list_domain(domain: DomainConfig) -> list[tuple[str, str, int]]:
+    """(given split, path relative to root, size) of every file in the domain's split folders."""
+    fs, root = resolve(domain.root)
+    found = []
+    for split, folder in sorted(domain.splits.items()):
+        base = posixpath.join(root, folder)
+        try:
+            info = fs.get_file_info(base)
+            if info.type != pafs.FileType.Directory:
+                raise DataError(f"{domain.name}: split folder {folder!r} not found at {domain.root}/{folder}")
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        except DataError:
+            raise
+        except Exception as exc:
+            raise storage_error(f"{domain.root}/{folder}", exc) from None
+        for i in infos:
+            if i.type == pafs.FileType.File:
+                found.append((split, i.path[len(root) + 1:], i.size))
+    return sorted(found, key=lambda f: f[1])
+
+
+def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, split: str, rel_path: str,
+             size: int, min_side: int) -> ScannedFile:
+    """Read, hash and fully decode one file; set `reason` if it cannot be used."""
+    scanned = ScannedFile(domain.name, split, rel_path, size)
+    folder = domain.splits[split]
+    parts = rel_path[len(folder):].strip("/").split("/")
+    if len(parts) < 2:
+        scanned.reason = "not inside a class folder"
+        return scanned
+    class_folder = parts[0]
+    folder_map = {k.lower(): v for k, v in domain.folders.items()}
+    try:
+        with fs.open_input_stream(posixpath.join(root, rel_path)) as f:
+            data = f.read()
+    except Exception as exc:
+        scanned.reason = f"unreadable: {exc}".splitlines()[0]
+        return scanned
+    scanned.content_hash = hashlib.sha256(data).hexdigest()
+    if class_folder.lower() not in folder_map:
+        scanned.reason = f"unknown class folder {class_folder!r}"
+        return scanned
+    scanned.label_name = folder_map[class_folder.lower()]
+    if not data:
+        scanned.reason = "empty file (0 bytes)"
+        return scanned
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            scanned.width, scanned.height = image.size
+            extrema = image.convert("L").getextrema()
+    except UnidentifiedImageError:
+        scanned.reason = "not an image"
+        return scanned
+    except (OSError, SyntaxError, ValueError) as exc:
+        scanned.reason = f"truncated or corrupt image: {exc}".splitlines()[0]
+        return scanned
+    if min(scanned.width, scanned.height) < min_side:
+        scanned.reason = f"too small: {scanned.width}x{scanned.height} < {min_side} px"
+    elif extrema[0] == extrema[1]:
+        scanned.reason = f"blank image (every pixel {extrema[0]})"
+    return scanned
+
+
+def scan(config: Config) -> list[ScannedFile]:
+    """Every file of every dataset, inspected in parallel threads (I/O and PIL release the GIL)."""
+    jobs = []
+    for domain in config.data.domains:
+        listed = _list_domain(domain)
+        if not listed:
+            raise DataError(f"{domain.name}: no files under {domain.root} "
+                            f"(looked in {', '.join(sorted(domain.splits.values()))})")
+        fs, root = resolve(domain.root)
+        jobs += [(domain, fs, root, split, path, size) for split, path, size in listed]
+    min_side = config.data.min_image_side
+    with ThreadPoolExecutor(READ_THREADS) as pool, tqdm(total=len(jobs), desc="scan", unit="file") as bar:
+        results = []
+        for result in pool.map(lambda job: _inspect(*job, min_side), jobs):
+            results.append(result)
+            bar.update()
+    return results
+
+
+# ---------------------------------------------------------------- plan
+
+
+def _stable_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def _carve(files: list[ScannedFile], fraction: float, seed: int, tag: str) -> tuple[list, list]:
+    """Stratified, seeded split: (kept, carved) with `fraction` of each class carved out."""
+    by_class: dict[str, list[ScannedFile]] = defaultdict(list)
+    for f in files:
+        by_class[f.label_name].append(f)
+    kept, carved = [], []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda f: (f.content_hash, f.path))
+        order = np.random.default_rng(_stable_seed(seed, tag, label)).permutation(len(members))
+        n_carved = min(int(round(len(members) * fraction)), len(members) - 1)
+        carved += [members[i] for i in order[:n_carved]]
+        kept += [members[i] for i in order[n_carved:]]
+    return kept, carved
+
+
+def plan(config: Config, scanned: list[ScannedFile]) -> Plan:
+    result = Plan(scanned=len(scanned))
+    accepted = []
+    for f in scanned:
+        if f.reason:
+            result.rejected.append({"domain": f.domain, "path": f.path, "split": f.given_split,
+                                    "reason": f.reason})
+        else:
+            accepted.append(f)
+
+    groups: dict[tuple[str, str], list[ScannedFile]] = defaultdict(list)
+    for f in accepted:
+        groups[(f.domain, f.content_hash)].append(f)
+    unique = []
+    for (domain, content_hash), members in sorted(groups.items()):
+        members.sort(key=lambda f: (SPLIT_PRIORITY[f.given_split], f.path))
+        unique.append(members[0])
+        if len(members) > 1:
+            labels = sorted({m.label_name for m in members})
+            result.duplicates.append({
+                "domain": domain, "content_hash": content_hash, "kept": members[0].path,
+                "dropped": [m.path for m in members[1:]], "labels": labels,
+                "conflicting_labels": len(labels) > 1,
+                "splits": sorted({m.given_split for m in members}),
+            })
+
+    data = config.data
+    for domain in config.data.domains:
+        mine = [f for f in unique if f.domain == domain.name]
+        given = {s: [f for f in mine if f.given_split == s] for s in (*SPLITS, WHOLE_DATASET)}
+        train = given["train"] + given[WHOLE_DATASET]
+        val, test = given["val"], given["test"]
+        if "test" not in domain.splits:
+            train, test = _carve(train, data.test_fraction, data.split_seed, f"{domain.name}/test")
+        if "val" not in domain.splits:
+            # val is a fraction of the whole, carved from what is left for training
+            share = data.val_fraction / (1 - data.test_fraction) if "test" not in domain.splits else data.val_fraction
+            train, val = _carve(train, share, data.split_seed, f"{domain.name}/val")
+        for split, files in (("train", train), ("val", val), ("test", test)):
+            result.rows += [(f, split) for f in files]
+    return result
+
+
+# ---------------------------------------------------------------- write
+
+
+def _row_order(rows: list[tuple[ScannedFile, str]], split: str, seed: int) -> list[ScannedFile]:
+    """Train rows shuffled (seeded) so any window of a shard mixes classes; others by path."""
+    files = sorted((f for f, s in rows if s == split), key=lambda f: (f.domain, f.path))
+    if split == "train":
+        order = np.random.default_rng(_stable_seed(seed, "shard-order")).permutation(len(files))
+        files = [files[i] for i in order]
+    return files
+
+
+def _write_shard(store: Store, key: str, files: list[ScannedFile], config: Config, split: str) -> int:
+    domains = {d.name: (i, d) for i, d in enumerate(config.data.domains)}
+    sources = {d.name: resolve(d.root) for d in config.data.domains}
+    images = []
+    for f in files:
+        fs, root = sources[f.domain]
+        with fs.open_input_stream(posixpath.join(root, f.path)) as stream:
+            data = stream.read()
+        if hashlib.sha256(data).hexdigest() != f.content_hash:
+            raise DataError(f"{f.domain}: {f.path} changed while preparing; run prepare again")
+        images.append(data)
+    table = pa.table({
+        "image": images,
+        "domain": [f.domain for f in files],
+        "domain_index": [domains[f.domain][0] for f in files],
+        "label": [domains[f.domain][1].classes.index(f.label_name) for f in files],
+        "label_name": [f.label_name for f in files],
+        "split": [split] * len(files),
+        "source_path": [f.path for f in files],
+        "content_hash": [f.content_hash for f in files],
+        "width": [f.width for f in files],
+        "height": [f.height for f in files],
+    }, schema=SHARD_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=512)
+    store.write_bytes(key, sink.getvalue())
+    return len(files)
+
+
+def dataset_id(config: Config, scanned: list[ScannedFile]) -> str:
+    """Content-derived: same files, labels and data settings give the same id, wherever they live."""
+    settings = config.to_dict()["data"]
+    for d in settings["domains"]:
+        d.pop("root")
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "data": settings,
+        "files": sorted((f.domain, f.path, f.content_hash) for f in scanned),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return f"ds-{digest[:16]}"
+
+
+def _counts(config: Config, rows: list[tuple[ScannedFile, str]]) -> dict:
+    counts = Counter((f.domain, s, f.label_name) for f, s in rows)
+    return {d.name: {s: {c: counts[(d.name, s, c)] for c in d.classes} for s in SPLITS}
+            for d in config.data.domains}
+
+
+def prepare(config: Config, store: Store) -> dict:
+    """Write the dataset to the store unless a complete one with the same id is already there."""
+    require_roots(config)
+    store.check_writable()
+    scanned = scan(config)
+    ds_id = dataset_id(config, scanned)
+    prefix = dataset_key(ds_id)
+    if store.exists(f"{prefix}/manifest.json"):
+        log.info("dataset %s is already complete at %s: nothing to do", ds_id, store.key_uri(prefix))
+        manifest = store.read_json(f"{prefix}/manifest.json")
+        manifest["skipped"] = True
+        return manifest
+    store.delete_prefix(f"{prefix}/shards")  # leftovers of an interrupted run of this same id
+
+    result = plan(config, scanned)
+    if not result.rows:
+        raise DataError("no usable images in any dataset; see the rejected files with --debug")
+    shards: dict[str, list[dict]] = {}
+    rows_per_shard = config.data.shard_rows
+    with tqdm(total=len(result.rows), desc="write shards", unit="img") as bar:
+        for split in SPLITS:
+            files = _row_order(result.rows, split, config.data.split_seed)
+            shards[split] = []
+            for domain in config.domain_names():
+                domain_files = [f for f in files if f.domain == domain]
+                for start in range(0, len(domain_files), rows_per_shard):
+                    chunk = domain_files[start:start + rows_per_shard]
+                    name = f"part-{domain}-{start // rows_per_shard:05d}.parquet"
+                    key = f"{prefix}/shards/{split}/{name}"
+                    _write_shard(store, key, chunk, config, split)
+                    shards[split].append({"file": f"shards/{split}/{name}", "domain": domain,
+                                          "rows": len(chunk)})
+                    bar.update(len(chunk))
+
+    n_duplicates = sum(len(d["dropped"]) for d in result.duplicates)
+    manifest = {
+        "dataset_id": ds_id,
+        "schema_version": SCHEMA_VERSION,
+        "mdfer_version": mdfer.__version__,
+        "config": config.to_dict()["data"],
+        "domains": {d.name: {"classes": d.classes} for d in config.data.domains},
+        "counts": _counts(config, result.rows),
+        "totals": {"scanned": result.scanned, "accepted": len(result.rows),
+                   "rejected": len(result.rejected), "duplicates": n_duplicates,
+                   "duplicate_groups": len(result.duplicates),
+                   "conflicting_label_groups": sum(d["conflicting_labels"] for d in result.duplicates)},
+        "rejected": result.rejected,
+        "duplicates": result.duplicates,
+        "shards": shards,
+    }
+    assert result.scanned == len(result.rows) + len(result.rejected) + n_duplicates
+    store.write_json(f"{prefix}/manifest.json", manifest)  # last: seals the dataset
+    manifest["skipped"] = False
+    return manifest
+
+
+def load_manifest(store: Store, ds_id: str) -> dict:
+    key = f"{dataset_key(ds_id)}/manifest.json"
+    if not store.exists(key):
+        raise DataError(f"{store.key_uri(key)}: no complete dataset {ds_id!r} in this store "
+                        f"(run `mdfer prepare` first)")
+    return store.read_json(key)
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """Human-readable counts for the CLI."""
+    totals = manifest["totals"]
+    lines = [f"dataset {manifest['dataset_id']}: scanned {totals['scanned']} = accepted "
+             f"{totals['accepted']} + rejected {totals['rejected']} + duplicates {totals['duplicates']} "
+             f"({totals['duplicate_groups']} groups, {totals['conflicting_label_groups']} with conflicting labels)"]
+    for domain, splits in manifest["counts"].items():
+        sizes = ", ".join(f"{s} {sum(c.values())}" for s, c in splits.items())
+        lines.append(f"  {domain}: {sizes}")
+    reasons = Counter(r["reason"].split(":")[0] for r in manifest["rejected"])
+    for reason, n in sorted(reasons.items()):
+        lines.append(f"  rejected {n}: {reason}")
+    return lines
+

@@ -1,0 +1,201 @@
+"""The network: one EfficientNetV2B0 backbone shared by one softmax head per dataset plus a
+domain head.
+
+Layout (names are part of the contract; export, freezing and checkpoints look them up):
+
+    image [B,H,W,3] 0..255  ->  "preprocess" (Normalization, no weights)
+                            ->  "backbone"   (EfficientNetV2B0, nested keras.Model)
+                            ->  "pool" (global average) -> "head_dropout"
+                            ->  one Dense softmax per dataset, named by the dataset
+                            ->  "domain" Dense softmax over the datasets
+
+The model's outputs are a dict keyed by head name, holding probabilities (not logits).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import keras
+from keras import layers
+
+from mdfer.errors import ConfigError
+
+INPUT = "image"
+PREPROCESS = "preprocess"
+BACKBONE = "backbone"
+POOL = "pool"
+HEAD_DROPOUT = "head_dropout"
+DOMAIN_HEAD = "domain"
+_RESERVED = {INPUT, PREPROCESS, BACKBONE, POOL, HEAD_DROPOUT, DOMAIN_HEAD}
+
+# What EfficientNetV2's include_preprocessing=True does: Rescaling(1/255), then
+# Normalization with these ImageNet statistics (Keras stores variance = std**2).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess_constants() -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) in 0..255 pixel units: the "preprocess" layer computes
+    (x - mean) / std. Export moves exactly this into the Hailo model script."""
+    mean = [255.0 * m for m in _IMAGENET_MEAN]
+    std = [255.0 * s for s in _IMAGENET_STD]
+    return mean, std
+
+
+def build_model(
+    domains: list[tuple[str, int]],
+    image_size: int,
+    weights: str | None = None,
+    dropout: float = 0.2,
+) -> keras.Model:
+    """Build the multi-head model.
+
+    weights: None or "none" = random init; "imagenet" = Keras's ImageNet backbone weights
+    (downloads: needs internet); otherwise a local `.weights.h5` or `.keras` path, see
+    `load_weights_file`.
+    """
+    _check_domains(domains)
+    source = None if weights is None or str(weights).lower() == "none" else str(weights)
+
+    shape = (image_size, image_size, 3)
+    inputs = keras.Input(shape, name=INPUT)
+    mean, std = preprocess_constants()
+    x = layers.Normalization(mean=mean, variance=[s * s for s in std], name=PREPROCESS)(inputs)
+
+    backbone = keras.applications.EfficientNetV2B0(
+        include_top=False,
+        include_preprocessing=False,
+        weights="imagenet" if source == "imagenet" else None,
+        input_shape=shape,
+    )
+    # EfficientNetV2B0(name=...) would break it: the name is also its block-table key.
+    backbone.name = BACKBONE
+    x = backbone(x)
+    x = layers.GlobalAveragePooling2D(name=POOL)(x)
+    x = layers.Dropout(dropout, name=HEAD_DROPOUT)(x)
+
+    outputs = {name: layers.Dense(n, activation="softmax", name=name)(x) for name, n in domains}
+    outputs[DOMAIN_HEAD] = layers.Dense(len(domains), activation="softmax", name=DOMAIN_HEAD)(x)
+    model = keras.Model(inputs, outputs, name="mdfer")
+
+    if source is not None and source != "imagenet":
+        load_weights_file(model, source)
+    return model
+
+
+def _check_domains(domains: list[tuple[str, int]]) -> None:
+    """Head names are layer names and output keys, so they must be unique and free."""
+    if not domains:
+        raise ConfigError("domains: at least one (name, num_classes) is needed")
+    names = [name for name, _ in domains]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"domains: names must be unique, got {names}")
+    for name, num_classes in domains:
+        if name in _RESERVED:
+            raise ConfigError(f"domains: {name!r} is reserved for a layer of the model")
+        if int(num_classes) < 1:
+            raise ConfigError(f"domains: {name!r} needs at least 1 class, got {num_classes}")
+
+
+def head_names(model: keras.Model) -> list[str]:
+    """Dataset head names in model order (the domain head excluded)."""
+    return [name for name in model.output_names if name != DOMAIN_HEAD]
+
+
+def load_weights_file(model: keras.Model, path: str) -> list[str]:
+    """Load weights from a local file into `model`; returns what was loaded.
+
+    - `.weights.h5` of the whole model (same heads) -> everything;
+      `.weights.h5` of a bare EfficientNetV2B0 backbone -> the backbone only.
+    - `.keras` of an mdfer model -> the backbone plus every head whose name and shapes
+      match (so a 2-dataset checkpoint can seed a 3-dataset model); `.keras` of a bare
+      EfficientNetV2B0 -> the backbone.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    backbone = model.get_layer(BACKBONE)
+
+    if path.endswith(".weights.h5"):
+        # Keras matches h5 weights by topology and raises on a mismatch, so trying the
+        # whole model first, then the backbone, cannot load something half-right.
+        errors = []
+        for target, loaded in ((model, ["all"]), (backbone, [BACKBONE])):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # one line per unmatched layer
+                    target.load_weights(path)
+                return loaded
+            except ValueError as exc:
+                errors.append(str(exc).splitlines()[0])
+        raise ValueError(
+            f"{path}: matches neither this model nor an EfficientNetV2B0 backbone "
+            f"(whole model: {errors[0]}; backbone: {errors[1]})"
+        )
+
+    if path.endswith(".keras"):
+        source = keras.saving.load_model(path, compile=False)
+        names = {layer.name for layer in source.layers}
+        source_backbone = source.get_layer(BACKBONE) if BACKBONE in names else source
+        backbone.set_weights(source_backbone.get_weights())
+        loaded = [BACKBONE]
+        for name in model.output_names:
+            if name not in names:
+                continue
+            ours, theirs = model.get_layer(name), source.get_layer(name)
+            if [w.shape for w in ours.weights] == [w.shape for w in theirs.weights]:
+                ours.set_weights(theirs.get_weights())
+                loaded.append(name)
+        return loaded
+
+    raise ValueError(f"{path}: weights must be a .weights.h5 or .keras file")
+
+
+def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The backbone layers that own weights, input to output: the units that freezing
+    counts. Weightless layers (activations, adds, dropout, reshapes) are not counted."""
+    return [layer for layer in model.get_layer(BACKBONE).layers if layer.weights]
+
+
+def set_trainable_fraction(model: keras.Model, frozen_fraction: float) -> dict:
+    """Freeze the lowest `frozen_fraction` of the counted backbone layers (see
+    `backbone_layers`); everything else, heads included, becomes trainable.
+
+    Frozen BatchNormalization layers run in inference mode even under training=True
+    (Keras 3 semantics of trainable=False), so their moving statistics stay put.
+    Changing this changes `model.trainable_variables`: build a new optimizer and a new
+    train step afterwards (see mdfer.steps).
+    """
+    if not 0.0 <= frozen_fraction <= 1.0:
+        raise ConfigError(f"frozen_fraction must be in [0, 1], got {frozen_fraction}")
+    model.trainable = True  # recursive: resets every sublayer
+    counted = backbone_layers(model)
+    n_frozen = int(round(frozen_fraction * len(counted)))
+    first_trainable = counted[n_frozen] if n_frozen < len(counted) else None
+
+    # Weightless layers below the first trainable one are frozen too, for tidy summaries.
+    for layer in model.get_layer(BACKBONE).layers:
+        if layer is first_trainable:
+            break
+        layer.trainable = False
+
+    return {
+        "n_backbone_layers": len(counted),
+        "n_frozen": n_frozen,
+        "first_trainable": first_trainable.name if first_trainable is not None else None,
+        "n_trainable_weights": len(model.trainable_weights),
+        "n_trainable_params": int(sum(w.numpy().size for w in model.trainable_weights)),
+    }
+
+
+def without_preprocess(model: keras.Model) -> keras.Model:
+    """The same network (shared layers and weights) minus the "preprocess" layer: its
+    input is already normalized. For export targets that normalize elsewhere (Hailo)."""
+    backbone = model.get_layer(BACKBONE)
+    inputs = keras.Input(backbone.input_shape[1:], name=INPUT)
+    x = backbone(inputs)
+    x = model.get_layer(POOL)(x)
+    x = model.get_layer(HEAD_DROPOUT)(x)
+    outputs = {name: model.get_layer(name)(x) for name in model.output_names}
+    return keras.Model(inputs, outputs, name=f"{model.name}_no_preprocess")

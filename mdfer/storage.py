@@ -1,0 +1,148 @@
+"""One store API over a local folder or an s3:// prefix, so every job runs the same on both.
+
+Credentials come from the usual AWS environment (or instance role); the endpoint from
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for non-AWS servers. Nothing here logs a credential,
+and errors pass through `redact` before they reach the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from mdfer.errors import MdferError
+from mdfer.logs import redact
+
+S3_RETRY_ATTEMPTS = 6
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 file system configured from the environment, with retries for brief outages."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, Any] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options["endpoint_override"] = parsed.netloc or parsed.path
+        options["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**options)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path within it) for a local path or an s3:// URI."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        raise MdferError(f"{uri}: unsupported location; use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def storage_error(uri: str, exc: BaseException) -> MdferError:
+    """A one-line, credential-free error that names the location."""
+    text = redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+    return MdferError(f"{uri}: {text}")
+
+
+@dataclass
+class Store:
+    """A local folder or an s3:// prefix; relative keys use '/' on both."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        self.uri = self.uri.rstrip("/") if self.uri.startswith("s3://") else str(Path(self.uri).expanduser().resolve())
+        self.fs, self.root = resolve(self.uri)
+        self.is_s3 = self.uri.startswith("s3://")
+
+    def path(self, key: str = "") -> str:
+        """The file-system path of a key (what pyarrow and Ray Data take with `self.fs`)."""
+        return posixpath.join(self.root, key) if key else self.root
+
+    def key_uri(self, key: str = "") -> str:
+        return f"{self.uri}/{key}" if key else self.uri
+
+    def check_writable(self) -> None:
+        """Fail before any work when the store cannot be reached or written."""
+        probe = f".mdfer-probe-{uuid.uuid4().hex}"
+        try:
+            if not self.is_s3:
+                self.fs.create_dir(self.root, recursive=True)
+            self.write_bytes(probe, b"ok")
+            self.fs.delete_file(self.path(probe))
+        except MdferError:
+            raise
+        except Exception as exc:
+            raise storage_error(self.uri, exc) from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self.fs.get_file_info(self.path(key)).type != pafs.FileType.NotFound
+        except Exception as exc:
+            raise storage_error(self.key_uri(key), exc) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path(key)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise MdferError(f"{self.key_uri(key)}: not found") from None
+        except Exception as exc:
+            raise storage_error(self.key_uri(key), exc) from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write whole or not at all: local files go through a temp name and a rename."""
+        target = self.path(key)
+        try:
+            if self.is_s3:
+                with self.fs.open_output_stream(target) as f:  # one PUT: atomic on S3
+                    f.write(data)
+                return
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            temp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+        except Exception as exc:
+            raise storage_error(self.key_uri(key), exc) from None
+
+    def read_json(self, key: str) -> Any:
+        raw = self.read_bytes(key)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise MdferError(f"{self.key_uri(key)}: not valid JSON ({exc})") from None
+
+    def write_json(self, key: str, value: Any) -> None:
+        self.write_bytes(key, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def list_files(self, prefix: str) -> list[str]:
+        """Keys of all files under a prefix, sorted; empty when the prefix does not exist."""
+        selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except Exception as exc:
+            raise storage_error(self.key_uri(prefix), exc) from None
+        base = self.root + "/"
+        return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove leftovers of an unfinished write; never called on a manifest-sealed prefix."""
+        try:
+            if self.fs.get_file_info(self.path(prefix)).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(self.path(prefix))
+        except Exception as exc:
+            raise storage_error(self.key_uri(prefix), exc) from None
