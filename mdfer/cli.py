@@ -58,9 +58,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mdfer.stages import train_run
+    from mdfer.storage import Store
+    config = _load(args)
+    if args.workers:
+        config.train.workers = args.workers
+    summary = train_run(config, Store(args.store), args.run_id, args.dataset_id, args.address)
+    print(json.dumps({k: summary[k] for k in ("run_id", "dataset_id", "final_stage", "val_macro_f1")}, indent=2))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "synth": (cmd_synth, "write small generated FER-like and FANE-like datasets"),
     "prepare": (cmd_prepare, "validate, de-duplicate and split datasets into Parquet shards"),
+    "train": (cmd_train, "train the stages of a run on Ray Train (resumes or skips finished stages)"),
 }
 
 
@@ -78,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["prepare"]
     _config_args(p)
     _store_arg(p)
+
+    p = parsers["train"]
+    _config_args(p)
+    _store_arg(p)
+    p.add_argument("--dataset-id", required=True, help="a prepared dataset in the store (see prepare)")
+    p.add_argument("--run-id", required=True, help="names the run; rerun the same id to resume")
+    p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     return parser
 
 

@@ -83,7 +83,7 @@ class StageConfig:
 class TrainConfig:
     stages: list[StageConfig]
     workers: int = 2
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.5  # Ray's logical CPUs; leave some for the data stream
     gpus_per_worker: float = 0.0
     mixed_precision: bool = False
     label_smoothing: float = 0.0

@@ -14,6 +14,7 @@ The model's outputs are a dict keyed by head name, holding probabilities (not lo
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -58,6 +59,8 @@ def build_model(
     """
     _check_domains(domains)
     source = None if weights is None or str(weights).lower() == "none" else str(weights)
+    if source not in (None, "imagenet") and not os.path.isfile(source):
+        raise FileNotFoundError(f"weights file not found: {source}")  # before a slow build
 
     shape = (image_size, image_size, 3)
     inputs = keras.Input(shape, name=INPUT)
@@ -99,15 +102,11 @@ def _check_domains(domains: list[tuple[str, int]]) -> None:
             raise ConfigError(f"domains: {name!r} needs at least 1 class, got {num_classes}")
 
 
-def head_names(model: keras.Model) -> list[str]:
-    """Dataset head names in model order (the domain head excluded)."""
-    return [name for name in model.output_names if name != DOMAIN_HEAD]
-
-
 def load_weights_file(model: keras.Model, path: str) -> list[str]:
     """Load weights from a local file into `model`; returns what was loaded.
 
-    - `.weights.h5` of the whole model (same heads) -> everything;
+    - `.weights.h5` of the whole model -> everything; it matches layers by position, not
+      name, so it needs the same domains in the same order;
       `.weights.h5` of a bare EfficientNetV2B0 backbone -> the backbone only.
     - `.keras` of an mdfer model -> the backbone plus every head whose name and shapes
       match (so a 2-dataset checkpoint can seed a 3-dataset model); `.keras` of a bare
@@ -138,18 +137,27 @@ def load_weights_file(model: keras.Model, path: str) -> list[str]:
         source = keras.saving.load_model(path, compile=False)
         names = {layer.name for layer in source.layers}
         source_backbone = source.get_layer(BACKBONE) if BACKBONE in names else source
-        backbone.set_weights(source_backbone.get_weights())
+        if not _same_shapes(backbone, source_backbone):
+            raise ValueError(f"{path}: its backbone is not an EfficientNetV2B0 like ours")
+        _copy_weights(backbone, source_backbone)
         loaded = [BACKBONE]
         for name in model.output_names:
-            if name not in names:
-                continue
-            ours, theirs = model.get_layer(name), source.get_layer(name)
-            if [w.shape for w in ours.weights] == [w.shape for w in theirs.weights]:
-                ours.set_weights(theirs.get_weights())
+            if name in names and _same_shapes(model.get_layer(name), source.get_layer(name)):
+                _copy_weights(model.get_layer(name), source.get_layer(name))
                 loaded.append(name)
         return loaded
 
     raise ValueError(f"{path}: weights must be a .weights.h5 or .keras file")
+
+
+def _same_shapes(a: keras.layers.Layer, b: keras.layers.Layer) -> bool:
+    return [tuple(w.shape) for w in a.weights] == [tuple(w.shape) for w in b.weights]
+
+
+def _copy_weights(target: keras.layers.Layer, source: keras.layers.Layer) -> None:
+    """Variable to variable, in order (what set_weights does, without a numpy detour)."""
+    for ours, theirs in zip(target.weights, source.weights):
+        ours.assign(theirs.value)
 
 
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -169,7 +177,11 @@ def set_trainable_fraction(model: keras.Model, frozen_fraction: float) -> dict:
     """
     if not 0.0 <= frozen_fraction <= 1.0:
         raise ConfigError(f"frozen_fraction must be in [0, 1], got {frozen_fraction}")
-    model.trainable = True  # recursive: resets every sublayer
+    # Keras 3 on TF skips `x.trainable = True` when it is already True (KerasAutoTrackable
+    # short-circuits same-value assignment), so that would not reach frozen sublayers.
+    # Going through False forces the recursive reset.
+    model.trainable = False
+    model.trainable = True
     counted = backbone_layers(model)
     n_frozen = int(round(frozen_fraction * len(counted)))
     first_trainable = counted[n_frozen] if n_frozen < len(counted) else None
@@ -185,7 +197,7 @@ def set_trainable_fraction(model: keras.Model, frozen_fraction: float) -> dict:
         "n_frozen": n_frozen,
         "first_trainable": first_trainable.name if first_trainable is not None else None,
         "n_trainable_weights": len(model.trainable_weights),
-        "n_trainable_params": int(sum(w.numpy().size for w in model.trainable_weights)),
+        "n_trainable_params": sum(math.prod(w.shape) for w in model.trainable_weights),
     }
 
 

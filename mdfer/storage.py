@@ -146,3 +146,15 @@ class Store:
                 self.fs.delete_dir(self.path(prefix))
         except Exception as exc:
             raise storage_error(self.key_uri(prefix), exc) from None
+
+
+def local_copy(uri: str, folder: str) -> str:
+    """A local file for a local path or s3:// URI (downloaded into `folder`)."""
+    if not uri.startswith("s3://"):
+        if not Path(uri).is_file():
+            raise MdferError(f"{uri}: file not found")
+        return uri
+    parent, _, name = uri.rpartition("/")
+    target = Path(folder) / name
+    target.write_bytes(Store(parent).read_bytes(name))
+    return str(target)

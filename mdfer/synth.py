@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 FER_FOLDERS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
-FANE_FOLDERS = ("angry", "confused", "disgust", "fear", "happy", "neutral", "sad", "shy", "surprise")
+FANE_FOLDERS = (
+    "angry", "confused", "disgust", "fear", "happy", "neutral", "sad", "shy", "surprise",
+)
 
 FER_SIZE = (48, 48)
 FANE_SIZE_RANGE = (64, 160)
@@ -48,21 +50,33 @@ class Expression:
     wrinkle: float = 0.0  # 0..1 nose wrinkle lines (disgust)
 
 
+# One parameter set per folder name; FER and FANE share the names they have in common.
 EXPRESSIONS: dict[str, Expression] = {
     "neutral": Expression(),
-    "happy": Expression(mouth_curve=1.0, mouth_open=0.25, mouth_width=1.25, eye_open=0.45, brow_raise=0.15),
-    "sad": Expression(mouth_curve=-0.8, mouth_width=0.9, brow_tilt=-1.0, eye_open=0.75, gaze_y=0.4),
-    "angry": Expression(mouth_curve=-0.35, mouth_width=0.8, brow_tilt=1.0, brow_raise=-0.5, eye_open=0.7),
+    "happy": Expression(
+        mouth_curve=1.0, mouth_open=0.25, mouth_width=1.25, eye_open=0.45, brow_raise=0.15
+    ),
+    "sad": Expression(
+        mouth_curve=-0.8, mouth_width=0.9, brow_tilt=-1.0, eye_open=0.75, gaze_y=0.4
+    ),
+    "angry": Expression(
+        mouth_curve=-0.35, mouth_width=0.8, brow_tilt=1.0, brow_raise=-0.5, eye_open=0.7
+    ),
     "surprise": Expression(mouth_open=1.0, mouth_width=0.55, brow_raise=1.0, eye_open=1.5),
     "fear": Expression(
-        mouth_curve=-0.3, mouth_open=0.5, mouth_width=1.15, brow_tilt=-0.7, brow_raise=0.6, eye_open=1.4
+        mouth_curve=-0.3, mouth_open=0.5, mouth_width=1.15,
+        brow_tilt=-0.7, brow_raise=0.6, eye_open=1.4,
     ),
     "disgust": Expression(
-        mouth_curve=-0.5, mouth_skew=0.7, mouth_open=0.15, brow_tilt=0.6, eye_open=0.55, wrinkle=1.0
+        mouth_curve=-0.5, mouth_skew=0.7, mouth_open=0.15,
+        brow_tilt=0.6, eye_open=0.55, wrinkle=1.0,
     ),
-    "confused": Expression(mouth_skew=-0.7, mouth_width=0.8, brow_asym=1.0, head_tilt=9.0, gaze_x=0.5, gaze_y=-0.4),
+    "confused": Expression(
+        mouth_skew=-0.7, mouth_width=0.8, brow_asym=1.0, head_tilt=9.0, gaze_x=0.5, gaze_y=-0.4
+    ),
     "shy": Expression(
-        mouth_curve=0.35, mouth_width=0.7, eye_open=0.7, gaze_x=-0.6, gaze_y=0.6, head_tilt=-10.0, blush=1.0
+        mouth_curve=0.35, mouth_width=0.7, eye_open=0.7,
+        gaze_x=-0.6, gaze_y=0.6, head_tilt=-10.0, blush=1.0,
     ),
 }
 
@@ -91,7 +105,10 @@ def _skin_color(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in np.clip(color, 0, 255))
 
 
-def _shade(color: Sequence[int], factor: float, tint: Sequence[float] = (1, 1, 1)) -> tuple[int, int, int]:
+def _shade(
+    color: Sequence[int], factor: float, tint: Sequence[float] = (1, 1, 1)
+) -> tuple[int, int, int]:
+    """Darken/tint a colour: outlines, hair and blush follow the skin, not the class."""
     return tuple(int(np.clip(c * factor * t, 0, 255)) for c, t in zip(color, tint))
 
 
@@ -101,14 +118,16 @@ def _mouth_polygon(
     """Points of the upper (or lower) lip line: a parabola bent by curve, tilted by skew."""
     points = []
     for x in np.linspace(-1.0, 1.0, 13):
-        y = cy + e.mouth_curve * 0.35 * unit * (1 - x * x) - e.mouth_skew * 0.3 * unit * max(x, 0.0) * 2
+        y = cy + 0.35 * unit * e.mouth_curve * (1 - x * x) - 0.6 * unit * e.mouth_skew * max(x, 0.0)
         bulge = e.mouth_open * unit * math.sqrt(max(1 - x * x, 0.0))
         y += 0.6 * bulge if lower else -0.2 * bulge
         points.append((cx + x * half_w, y))
     return points
 
 
-def draw_face(expression: str, rng: np.random.Generator, size: tuple[int, int], rgb: bool) -> Image.Image:
+def draw_face(
+    expression: str, rng: np.random.Generator, size: tuple[int, int], rgb: bool
+) -> Image.Image:
     """Draw one face of the given class at `size` (width, height), RGB or grayscale ("L").
 
     Drawn supersampled and reduced for antialiasing; pose, scale, skin, background, noise and
@@ -119,7 +138,8 @@ def draw_face(expression: str, rng: np.random.Generator, size: tuple[int, int], 
     ss = max(2, math.ceil(160 / max(width, height)))  # supersampling factor
     w, h = width * ss, height * ss
 
-    background = tuple(int(c) for c in rng.integers(20, 236, 3)) if rgb else (int(rng.integers(20, 236)),) * 3
+    level = rng.integers(20, 236, 3 if rgb else 1)  # grayscale: one level in all three bands
+    background = tuple(int(c) for c in np.resize(level, 3))
     skin = _skin_color(rng)
     img = Image.new("RGB", (w, h), background)
     draw = ImageDraw.Draw(img)
@@ -144,13 +164,16 @@ def draw_face(expression: str, rng: np.random.Generator, size: tuple[int, int], 
     eye_h = 0.09 * ry * e.eye_open
     for side in (-1, 1):
         ex = cx + side * eye_dx
-        draw.ellipse((ex - eye_w, eye_y - eye_h, ex + eye_w, eye_y + eye_h), fill=(245, 245, 245), outline=line)
+        eye = (ex - eye_w, eye_y - eye_h, ex + eye_w, eye_y + eye_h)
+        draw.ellipse(eye, fill=(245, 245, 245), outline=line)
         pr = min(eye_w * 0.45, eye_h)
         px, py = ex + e.gaze_x * eye_w * 0.5, eye_y + e.gaze_y * eye_h * 0.5
         draw.ellipse((px - pr, py - pr, px + pr, py + pr), fill=(25, 20, 20))
 
         # Brow: inner end near the nose, outer end over the eye's outside corner.
-        brow_y = eye_y - 0.2 * ry - e.brow_raise * 0.1 * ry - (e.brow_asym * 0.12 * ry if side > 0 else 0.0)
+        brow_y = eye_y - 0.2 * ry - e.brow_raise * 0.1 * ry
+        if side > 0:
+            brow_y -= e.brow_asym * 0.12 * ry
         inner = (cx + side * 0.15 * rx, brow_y + e.brow_tilt * 0.09 * ry)
         outer = (cx + side * 0.62 * rx, brow_y - e.brow_tilt * 0.03 * ry)
         draw.line((inner, outer), fill=line, width=round(thick * 1.6))
@@ -159,15 +182,19 @@ def draw_face(expression: str, rng: np.random.Generator, size: tuple[int, int], 
         blush = _shade(skin, 1.0 - 0.25 * min(e.blush, 1.5), (1.15, 0.8, 0.8))
         for side in (-1, 1):
             bx, by = cx + side * 0.5 * rx, cy + 0.2 * ry
-            draw.ellipse((bx - 0.16 * rx, by - 0.07 * ry, bx + 0.16 * rx, by + 0.07 * ry), fill=blush)
+            draw.ellipse(
+                (bx - 0.16 * rx, by - 0.07 * ry, bx + 0.16 * rx, by + 0.07 * ry), fill=blush
+            )
 
     if rng.random() < 0.7:  # nose is optional, so its absence carries no class signal
         nose_w = 0.08 * rx
-        draw.line(((cx, cy), (cx - nose_w, cy + 0.18 * ry), (cx + nose_w, cy + 0.18 * ry)), fill=line, width=thick)
+        nose = ((cx, cy), (cx - nose_w, cy + 0.18 * ry), (cx + nose_w, cy + 0.18 * ry))
+        draw.line(nose, fill=line, width=thick)
     if e.wrinkle > 0.3:
         for side in (-1, 1):
             x0 = cx + side * 0.13 * rx
-            draw.line(((x0, cy - 0.02 * ry), (x0 + side * 0.06 * rx, cy + 0.08 * ry)), fill=line, width=thick)
+            wrinkle = ((x0, cy - 0.02 * ry), (x0 + side * 0.06 * rx, cy + 0.08 * ry))
+            draw.line(wrinkle, fill=line, width=thick)
 
     mouth_y = cy + 0.45 * ry
     half_w = 0.3 * rx * e.mouth_width
@@ -179,14 +206,16 @@ def draw_face(expression: str, rng: np.random.Generator, size: tuple[int, int], 
         draw.line(upper, fill=line, width=thick, joint="curve")
 
     angle = rng.normal(0.0, 4.0) + e.head_tilt
-    img = img.rotate(angle, resample=Image.BILINEAR, center=(cx, cy), fillcolor=background).reduce(ss)
-    if not rgb:
+    if not rgb:  # convert before the costly rotation: one band instead of three
         img = img.convert("L")
+    fill = background if rgb else background[0]
+    img = img.rotate(angle, Image.Resampling.BILINEAR, center=(cx, cy), fillcolor=fill)
+    img = img.reduce(ss)
 
     pixels = np.asarray(img, dtype=np.float32)
     pixels = pixels * rng.uniform(0.8, 1.2) + rng.uniform(-25, 25)  # contrast / exposure
     pixels += rng.normal(0.0, rng.uniform(2.0, 10.0), pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB" if rgb else "L")
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _image_rng(tag: int, seed: int, split: str, folder: str, index: int) -> np.random.Generator:
@@ -196,7 +225,8 @@ def _image_rng(tag: int, seed: int, split: str, folder: str, index: int) -> np.r
 
 
 def _write_split(
-    directory: Path,
+    root: Path,
+    split: str,
     folders: Sequence[str],
     per_class: int,
     *,
@@ -206,13 +236,13 @@ def _write_split(
     size: Callable[[np.random.Generator], tuple[int, int]],
     name: Callable[[str, int], str],
 ) -> dict[str, int]:
-    """Draw and save `per_class` JPEGs into `directory/<folder>/`; shared by both layouts."""
+    """Draw and save `per_class` JPEGs into `root/split/<folder>/`; shared by both layouts."""
     counts = {}
     for folder in folders:
-        out = directory / folder
+        out = root / split / folder
         out.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            rng = _image_rng(tag, seed, directory.name, folder, i)
+            rng = _image_rng(tag, seed, split, folder, i)
             image = draw_face(folder, rng, size(rng), rgb)
             image.save(out / name(folder, i), format="JPEG", quality=JPEG_QUALITY)
         counts[folder] = per_class
@@ -223,16 +253,20 @@ def _fer_name(prefix: str, per_class: int, folder: str, i: int) -> str:
     return f"{prefix}_{FER_FOLDERS.index(folder) * per_class + i:05d}.jpg"
 
 
-def write_fer_like(root: str | Path, train_per_class: int, test_per_class: int, seed: int = 0) -> dict:
+def write_fer_like(
+    root: str | Path, train_per_class: int, test_per_class: int, seed: int = 0
+) -> dict:
     """Write a FER2013-style tree: root/{train,test}/<folder>/*.jpg, 48x48 grayscale.
 
     Returns {"train": {folder: count}, "test": {folder: count}}. File numbers are unique within
     a split, as in the Kaggle export (Training_00012.jpg, PublicTest_00012.jpg).
     """
     result = {}
-    for split, prefix, per_class in (("train", "Training", train_per_class), ("test", "PublicTest", test_per_class)):
+    splits = (("train", "Training", train_per_class), ("test", "PublicTest", test_per_class))
+    for split, prefix, per_class in splits:
         result[split] = _write_split(
-            Path(root) / split,
+            Path(root),
+            split,
             FER_FOLDERS,
             per_class,
             tag=_FER_TAG,
@@ -258,7 +292,8 @@ def write_fane_like(root: str | Path, per_class: int, seed: int = 0) -> dict:
     Returns {folder: count}.
     """
     return _write_split(
-        Path(root) / "fane_data",
+        Path(root),
+        "fane_data",
         FANE_FOLDERS,
         per_class,
         tag=_FANE_TAG,

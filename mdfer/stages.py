@@ -1,0 +1,217 @@
+"""Stages 1 -> 2 -> 3 of a run, each a Ray Train job; the trainer only wires, the loop is in
+`train_loop`. A run is idempotent by id: a stage with `done.json` is never run (or written)
+again, an unfinished one resumes from its latest checkpoint.
+
+Store layout of a run:
+    runs/<run-id>/config.yaml, run.json             what was asked for
+    runs/<run-id>/<stage>/ray/...                    Ray Train's checkpoints (resume point)
+    runs/<run-id>/<stage>/best.weights.h5, done.json the stage's result; done.json last
+    runs/<run-id>/best_model_hailo.weights.h5, metrics.json   the latest finished stage's best
+"""
+
+from __future__ import annotations
+
+import logging
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mdfer.config import Config
+from mdfer.errors import MdferError
+from mdfer.ingest import load_manifest
+from mdfer.storage import Store
+from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
+from mdfer.train_loop import VAL_DATASET, WEIGHTS_FILE, train_stage
+
+log = logging.getLogger(__name__)
+BEST_WEIGHTS = "best.weights.h5"
+HAILO_WEIGHTS = "best_model_hailo.weights.h5"
+STAGE_DONE = "done.json"
+
+
+def run_key(run_id: str, *parts: str) -> str:
+    return "/".join(["runs", run_id, *parts])
+
+
+def ensure_ray(address: str | None = None, **init_options) -> None:
+    """Join the given cluster (or RAY_ADDRESS, as under `ray job submit`); else start a private one.
+
+    `address="local"` on purpose: a bare ray.init() would follow a stale /tmp/ray/ray_current_cluster.
+    """
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **init_options)
+    else:
+        ray.init(address="local", **init_options)
+
+
+def check_dataset_matches(config: Config, manifest: dict) -> None:
+    """The model's heads come from the config; the shards must hold the same datasets and classes."""
+    for domain in config.data.domains:
+        found = manifest["domains"].get(domain.name)
+        if found is None:
+            raise MdferError(f"dataset {manifest['dataset_id']} has no {domain.name!r} "
+                             f"(it holds {', '.join(manifest['domains'])}); prepare it with this config")
+        if found["classes"] != domain.classes:
+            raise MdferError(f"dataset {manifest['dataset_id']}: classes of {domain.name!r} differ "
+                             f"from {config.source}: {found['classes']} vs {domain.classes}")
+
+
+def class_weights(config: Config, manifest: dict) -> dict[str, list[float]]:
+    """Inverse-frequency weights over the train split, mean 1 per dataset (rare classes count more)."""
+    if not config.train.class_weighting:
+        return {}
+    weights = {}
+    for name, classes in ((d.name, d.classes) for d in config.data.domains):
+        counts = np.array([manifest["counts"][name]["train"][c] for c in classes], float)
+        inverse = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0)
+        weights[name] = (inverse / inverse[counts > 0].mean()).tolist()
+    return weights
+
+
+def _start_run(config: Config, store: Store, run_id: str, dataset_id: str) -> None:
+    """Record what the run is; refuse to continue a run id under a different config or dataset."""
+    wanted = yaml.safe_dump(config.to_dict(), sort_keys=True)
+    key = run_key(run_id, "config.yaml")
+    if store.exists(key):
+        recorded = store.read_bytes(key).decode()
+        run = store.read_json(run_key(run_id, "run.json"))
+        if recorded != wanted or run["dataset_id"] != dataset_id:
+            raise MdferError(f"{store.key_uri(run_key(run_id))}: this run id was started with a "
+                             f"different config or dataset ({run['dataset_id']}); use a new --run-id")
+        return
+    store.write_json(run_key(run_id, "run.json"), {"run_id": run_id, "dataset_id": dataset_id,
+                                                    "config_source": config.source})
+    store.write_bytes(key, wanted.encode())
+
+
+def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
+              init_weights: str | None) -> dict:
+    """One stage as a Ray Train run; returns Ray's Result."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    stage = config.train.stages[stage_index]
+    workers = config.train.workers
+    _check_cpus_left_for_data(config)
+    plan = plan_epoch(manifest, config, workers)
+    datasets = train_datasets(store, manifest, config, plan)
+    datasets[VAL_DATASET] = eval_dataset(store, manifest, config, "val")
+    trainer = TensorflowTrainer(
+        train_stage,
+        train_loop_config={
+            "config": config.to_dict(), "config_source": config.source, "stage_index": stage_index,
+            "plan": plan_as_dict(plan), "init_weights": init_weights,
+            "class_weights": class_weights(config, manifest),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=config.train.gpus_per_worker > 0,
+            resources_per_worker={"CPU": config.train.cpus_per_worker,
+                                  **({"GPU": config.train.gpus_per_worker} if config.train.gpus_per_worker else {})}),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != VAL_DATASET]),
+        run_config=RunConfig(
+            name="ray", storage_path=store.path(run_key(run_id, stage.name)), storage_filesystem=store.fs,
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
+                                               checkpoint_score_order="max")),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise MdferError(f"{stage.name}: training failed: {result.error}")
+    return result
+
+
+def _check_cpus_left_for_data(config: Config) -> None:
+    """Ray Data's decode tasks need CPUs the Train workers do not hold, or the stream stalls."""
+    import ray
+    total = ray.cluster_resources().get("CPU", 0)
+    held = config.train.workers * config.train.cpus_per_worker
+    if total - held < 0.5:
+        raise MdferError(f"{config.source}: train.workers x train.cpus_per_worker = {held:g} CPUs of the "
+                         f"cluster's {total:g}; leave at least one CPU for the data stream "
+                         f"(e.g. train.cpus_per_worker: {max(0.25, (total - 1) / config.train.workers):g})")
+
+
+def plan_as_dict(plan: EpochPlan) -> dict:
+    return {"domains": list(plan.domains), "per_worker_batch": plan.per_worker_batch,
+            "steps_per_epoch": plan.steps_per_epoch, "num_workers": plan.num_workers}
+
+
+def _best_checkpoint(result) -> tuple[object, dict]:
+    """The checkpoint with the highest val_macro_f1; the earlier epoch wins a tie."""
+    candidates = [(c, m) for c, m in result.best_checkpoints if m.get("val_macro_f1") is not None]
+    if not candidates:
+        raise MdferError("the stage reported no checkpoint")
+    return max(candidates, key=lambda cm: (cm[1]["val_macro_f1"], -cm[1]["epoch"]))
+
+
+def _seal_stage(store: Store, run_id: str, stage_name: str, result) -> dict:
+    """Copy the best weights next to the stage and write done.json last."""
+    checkpoint, metrics = _best_checkpoint(result)
+    with checkpoint.as_directory() as folder:
+        weights = (Path(folder) / WEIGHTS_FILE).read_bytes()
+        state = json.loads((Path(folder) / "state.json").read_text())
+    store.write_bytes(run_key(run_id, stage_name, BEST_WEIGHTS), weights)
+    done = {"stage": stage_name, "best": metrics, "evaluation": state.get("evaluation"),
+            "history": [m for m in _history(result)], "checkpoint": checkpoint.path}
+    store.write_json(run_key(run_id, stage_name, STAGE_DONE), done)
+    return done
+
+
+def _history(result) -> list[dict]:
+    """Per-epoch metrics of the stage, across restarts (Ray's dataframe holds every report)."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return [result.metrics]
+    keep = [c for c in frame.columns if not c.startswith("_") and c not in ("checkpoint_dir_name",)]
+    rows = frame[keep].drop_duplicates(subset=["epoch"], keep="last").sort_values("epoch")
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in rows.to_dict("records")]
+
+
+def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
+              ray_address: str | None = None) -> dict:
+    """All stages of a run, skipping finished ones; returns the run's metrics.json content."""
+    manifest = load_manifest(store, dataset_id)
+    check_dataset_matches(config, manifest)
+    _start_run(config, store, run_id, dataset_id)
+    init = _initial_weights(config)
+    stages = {}
+    for index, stage in enumerate(config.train.stages):
+        done_key = run_key(run_id, stage.name, STAGE_DONE)
+        if store.exists(done_key):
+            log.info("%s: already complete in %s, skipped", stage.name, store.key_uri(run_key(run_id)))
+            stages[stage.name] = store.read_json(done_key)
+        else:
+            ensure_ray(ray_address)
+            log.info("%s: training (%d epochs max, %d workers)", stage.name, stage.epochs, config.train.workers)
+            stages[stage.name] = _seal_stage(store, run_id, stage.name,
+                                             fit_stage(config, store, run_id, index, manifest, init))
+            best = stages[stage.name]["best"]
+            log.info("%s: done, best val_macro_f1 %.4f at epoch %d", stage.name, best["val_macro_f1"], best["epoch"])
+        init = store.key_uri(run_key(run_id, stage.name, BEST_WEIGHTS))
+    last = config.train.stages[-1].name
+    store.write_bytes(run_key(run_id, HAILO_WEIGHTS), store.read_bytes(run_key(run_id, last, BEST_WEIGHTS)))
+    summary = {"run_id": run_id, "dataset_id": dataset_id, "final_stage": last,
+               "val_macro_f1": stages[last]["best"]["val_macro_f1"],
+               "stages": {name: {"best": s["best"], "history": s["history"]} for name, s in stages.items()}}
+    store.write_json(run_key(run_id, "metrics.json"), summary)
+    return summary
+
+
+def _initial_weights(config: Config) -> str | None:
+    """Stage 1's starting point; a weights file must exist before any cluster time is spent."""
+    weights = config.model.weights
+    if weights.lower() in ("none", "imagenet"):
+        return None if weights.lower() == "none" else "imagenet"
+    parent, _, name = weights.rstrip("/").rpartition("/")
+    if not Store(parent or ".").exists(name):
+        raise MdferError(f"{config.source}: model.weights: {weights} not found")
+    return weights

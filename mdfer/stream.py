@@ -1,0 +1,181 @@
+"""The Ray Data stream: shards -> decoded, resized, augmented, domain-mixed batches.
+
+Driver side, `plan_epoch` fixes how many samples of each dataset go into every batch and how
+many steps an epoch has; `train_datasets` builds one Ray Dataset per dataset holding exactly
+steps x per-batch rows, so Ray Train's equal split gives every worker the same number of steps
+(unequal steps hang the collective ops). Worker side, `iter_train_batches` zips the datasets'
+batches into mixed batches. Evaluation streams are deterministic: no augmentation, no shuffle.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray.data
+from PIL import Image
+
+from mdfer.config import AugmentConfig, Config
+from mdfer.ingest import dataset_key
+from mdfer.storage import Store
+
+TRAIN_PREFIX = "train_"  # Ray Train dataset names: train_<domain>
+BATCH_KEYS = ("image", "domain", "label")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one epoch is laid out over workers; identical on every worker by construction."""
+
+    domains: tuple[str, ...]
+    per_worker_batch: dict[str, int]  # samples of each dataset in one worker's batch
+    steps_per_epoch: int
+    num_workers: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return sum(self.per_worker_batch.values()) * self.num_workers
+
+    def rows_per_epoch(self, domain: str) -> int:
+        return self.steps_per_epoch * self.per_worker_batch[domain] * self.num_workers
+
+
+def _split_sizes(manifest: dict, split: str) -> dict[str, int]:
+    return {d: sum(counts[split].values()) for d, counts in manifest["counts"].items()}
+
+
+def plan_epoch(manifest: dict, config: Config, num_workers: int) -> EpochPlan:
+    """Share each worker's batch between datasets by `stream.domain_mix` (default: by size).
+
+    Every dataset gets at least one sample per batch. The epoch is long enough to show the
+    dataset that needs most steps each of its images once; the others are re-drawn as needed.
+    """
+    sizes = _split_sizes(manifest, "train")
+    domains = tuple(d for d in config.domain_names() if sizes.get(d, 0) > 0)
+    if not domains:
+        raise ValueError("the dataset has no training rows")
+    worker_batch = config.stream.batch_size // num_workers
+    if worker_batch < len(domains):
+        raise ValueError(f"a worker batch of {worker_batch} cannot hold {len(domains)} datasets")
+    weights = {d: config.stream.domain_mix.get(d, 0.0) if config.stream.domain_mix else sizes[d]
+               for d in domains}
+    missing = [d for d in domains if weights[d] <= 0]
+    if missing:
+        raise ValueError(f"stream.domain_mix gives no share to {', '.join(missing)}")
+    total = sum(weights.values())
+    # largest-remainder allocation with a floor of one sample per dataset
+    exact = {d: 1 + (worker_batch - len(domains)) * weights[d] / total for d in domains}
+    shares = {d: int(exact[d]) for d in domains}
+    for d in sorted(domains, key=lambda d: exact[d] - shares[d], reverse=True)[:worker_batch - sum(shares.values())]:
+        shares[d] += 1
+    steps = max(math.ceil(sizes[d] / (shares[d] * num_workers)) for d in domains)
+    return EpochPlan(domains, shares, steps, num_workers)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, size: int) -> Image.Image:
+    """Any readable image -> RGB at size x size (grayscale repeated over three channels)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def augment_image(image: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Flip, small shift and rotation (one affine warp), then brightness and contrast."""
+    size = image.size[0]
+    if aug.flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    angle = rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg)
+    dx, dy = rng.uniform(-aug.max_shift, aug.max_shift, size=2) * size
+    if angle or dx or dy:
+        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy),
+                             fillcolor=(0, 0, 0))
+    pixels = np.asarray(image, dtype=np.float32)
+    contrast = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+    brightness = rng.uniform(-aug.brightness, aug.brightness) * 255.0
+    mean = pixels.mean()
+    pixels = (pixels - mean) * contrast + mean + brightness
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+class DecodeBatch:
+    """Ray Data batch function: Parquet rows -> uint8 images plus labels (uint8 keeps transfers small)."""
+
+    def __init__(self, size: int, augment: AugmentConfig | None):
+        self.size = size
+        self.augment = augment
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng()
+        images = []
+        for data in batch["image"]:
+            image = decode_image(data, self.size)
+            images.append(augment_image(image, self.augment, rng) if self.augment
+                          else np.asarray(image, dtype=np.uint8))
+        return {
+            "image": np.stack(images) if images else np.zeros((0, self.size, self.size, 3), np.uint8),
+            "domain": batch["domain_index"].astype(np.int32),
+            "label": batch["label"].astype(np.int32),
+        }
+
+
+# ---------------------------------------------------------------- datasets (driver side)
+
+
+def _shard_paths(store: Store, manifest: dict, split: str, domain: str | None = None) -> list[str]:
+    prefix = dataset_key(manifest["dataset_id"])
+    return [store.path(f"{prefix}/{s['file']}") for s in manifest["shards"][split]
+            if domain is None or s["domain"] == domain]
+
+
+def _read(store: Store, paths: list[str]) -> ray.data.Dataset:
+    return ray.data.read_parquet(paths, filesystem=store.fs,
+                                 columns=["image", "domain_index", "label"])
+
+
+def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan) -> dict[str, ray.data.Dataset]:
+    """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long."""
+    decode = DecodeBatch(config.model.image_size, config.stream.augment)
+    sizes = _split_sizes(manifest, "train")
+    datasets = {}
+    for domain in plan.domains:
+        base = _read(store, _shard_paths(store, manifest, "train", domain))
+        needed = plan.rows_per_epoch(domain)
+        repeated = base
+        for _ in range(math.ceil(needed / sizes[domain]) - 1):
+            repeated = repeated.union(base)
+        datasets[TRAIN_PREFIX + domain] = (repeated.randomize_block_order()
+                                           .limit(needed)
+                                           .map_batches(decode, batch_size=256))
+    return datasets
+
+
+def eval_dataset(store: Store, manifest: dict, config: Config, split: str) -> ray.data.Dataset:
+    """All rows of a split, decoded without augmentation."""
+    decode = DecodeBatch(config.model.image_size, None)
+    return _read(store, _shard_paths(store, manifest, split)).map_batches(decode, batch_size=256)
+
+
+# ---------------------------------------------------------------- batches (worker side)
+
+
+def iter_train_batches(shards: dict[str, ray.data.DataIterator], plan: EpochPlan,
+                       shuffle_buffer: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly `plan.steps_per_epoch` mixed batches: each holds every dataset's share."""
+    iterators = {
+        d: iter(shards[TRAIN_PREFIX + d].iter_batches(
+            batch_size=plan.per_worker_batch[d], drop_last=True, batch_format="numpy",
+            local_shuffle_buffer_size=shuffle_buffer or None))
+        for d in plan.domains
+    }
+    for _ in range(plan.steps_per_epoch):
+        parts = [next(iterators[d]) for d in plan.domains]
+        yield {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+    for iterator in iterators.values():  # run each epoch to its end so Ray can start the next
+        for _ in iterator:
+            pass

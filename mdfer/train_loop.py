@@ -1,0 +1,166 @@
+"""The per-worker loop of one training stage; Ray Train runs `train_stage` on every worker.
+
+Plain code, top to bottom: build the model under MultiWorkerMirroredStrategy, start from the
+latest checkpoint of this stage (after a worker failure or a resubmitted job) or else from the
+previous stage's best weights, then epochs of train steps, a sharded validation pass, and one
+`ray.train.report` per epoch with a checkpoint. Every worker runs the same number of steps
+and reports; rank 0 writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mdfer.config import Config, config_from_dict
+from mdfer.storage import local_copy
+from mdfer.stream import TRAIN_PREFIX, EpochPlan, iter_train_batches
+
+WEIGHTS_FILE = "model.weights.h5"
+STATE_FILE = "state.json"
+VAL_DATASET = "val"
+EVAL_BATCH = 128
+
+
+def _limit_threads(cpus: float) -> None:
+    """One worker, its own CPUs: TensorFlow would otherwise use every core of the node."""
+    import tensorflow as tf
+    threads = max(1, round(cpus))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+
+
+def allreduce_sum(strategy, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sum numpy arrays over all workers (one collective call for the whole dict)."""
+    import tensorflow as tf
+    values = strategy.run(lambda: {k: tf.constant(v) for k, v in arrays.items()})
+    return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None).numpy()
+            for k, v in values.items()}
+
+
+def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: int, world: int,
+                   strategy) -> dict:
+    """Every worker scores every `world`-th batch; confusion matrices are summed over workers,
+    so the numbers equal a single-process pass over the whole split."""
+    from mdfer.metrics import batch_confusions, summarize
+    totals = {name: np.zeros((len(c), len(c)), np.int64) for name, c in classes.items()}
+    totals["domain"] = np.zeros((len(classes), len(classes)), np.int64)
+    for index, batch in enumerate(batches):
+        if index % world != rank:
+            continue
+        probs, _ = predict_step({"image": batch["image"].astype(np.float32)})
+        counts = batch_confusions({k: v.numpy() for k, v in probs.items()},
+                                  batch["domain"], batch["label"], classes)
+        for name in totals:
+            totals[name] += counts[name]
+    return summarize(allreduce_sum(strategy, totals), classes)
+
+
+def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
+    metrics = {"stage": stage, "epoch": epoch, "val_macro_f1": evaluation["macro_f1"],
+               "val_domain_accuracy": evaluation["domain_accuracy"]}
+    for head, values in evaluation["heads"].items():
+        if head != "domain":
+            metrics[f"val_{head}_macro_f1"] = values["macro_f1"]
+            metrics[f"val_{head}_accuracy"] = values["accuracy"]
+    return metrics
+
+
+def train_stage(loop_config: dict) -> None:
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from mdfer.model import build_model, load_weights_file, set_trainable_fraction
+    from mdfer.steps import make_predict_step, make_train_step
+
+    config: Config = config_from_dict(loop_config["config"], loop_config["config_source"])
+    stage_index = loop_config["stage_index"]
+    stage = config.train.stages[stage_index]
+    plan = EpochPlan(**loop_config["plan"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _limit_threads(config.train.cpus_per_worker)
+    keras.utils.set_random_seed(config.train.seed + stage_index)
+    if config.train.mixed_precision and config.train.gpus_per_worker > 0:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    classes = {d.name: d.classes for d in config.data.domains}
+
+    init_weights = loop_config.get("init_weights")
+    with strategy.scope():
+        model = build_model([(n, len(c)) for n, c in classes.items()], config.model.image_size,
+                            weights="imagenet" if init_weights == "imagenet" else None,
+                            dropout=config.model.dropout)
+    state = {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
+        with checkpoint.as_directory() as folder:
+            model.load_weights(Path(folder) / WEIGHTS_FILE)
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+        if rank == 0:
+            print(f"{stage.name}: resuming after epoch {state['epoch']}", flush=True)
+    elif init_weights and init_weights != "imagenet":  # the previous stage's best, or a file
+        with tempfile.TemporaryDirectory() as folder:
+            load_weights_file(model, local_copy(init_weights, folder))
+    summary = set_trainable_fraction(model, stage.frozen_fraction)
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(learning_rate=stage.lr)
+    class_weights = {k: np.asarray(v, np.float32) for k, v in loop_config.get("class_weights", {}).items()}
+    train_step = make_train_step(strategy, model, optimizer, list(classes), stage.loss_weights,
+                                 plan.global_batch_size, config.train.label_smoothing, class_weights)
+    predict_step = make_predict_step(strategy, model)
+    if rank == 0 and state["epoch"] == 0:
+        print(f"{stage.name}: lr {stage.lr:g}, frozen {summary['n_frozen']}/{summary['n_backbone_layers']} "
+              f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
+              f"per epoch on {world} worker(s)", flush=True)
+
+    train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
+    val_shard = ray.train.get_dataset_shard(VAL_DATASET)
+    for epoch in range(state["epoch"] + 1, stage.epochs + 1):
+        started = time.perf_counter()
+        loss_sum, steps = 0.0, 0
+        for batch in iter_train_batches(train_shards, plan, config.stream.shuffle_buffer):
+            batch["image"] = batch["image"].astype(np.float32)
+            loss, _ = train_step({k: tf.constant(v) for k, v in batch.items()})
+            loss_sum, steps = loss_sum + float(loss), steps + 1
+        train_seconds = time.perf_counter() - started
+        evaluation = evaluate_shard(predict_step,
+                                    val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
+                                    classes, rank, world, strategy)
+        metrics = _flat_metrics(stage.name, epoch, evaluation)
+        metrics.update(loss=loss_sum / max(steps, 1), train_seconds=train_seconds,
+                       images_per_second=steps * plan.global_batch_size / train_seconds)
+        if metrics["val_macro_f1"] > state["best_macro_f1"]:
+            state.update(best_macro_f1=metrics["val_macro_f1"], best_epoch=epoch, since_best=0)
+        else:
+            state["since_best"] += 1
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        metrics.update(best_val_macro_f1=state["best_macro_f1"], best_epoch=state["best_epoch"],
+                       is_best=state["best_epoch"] == epoch)
+        if rank == 0:
+            heads = " ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()
+                             if k.startswith("val_") and k != "val_macro_f1")
+            print(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} "
+                  f"val_macro_f1 {metrics['val_macro_f1']:.4f} ({heads}) "
+                  f"{metrics['images_per_second']:.0f} img/s{'  *best*' if metrics['is_best'] else ''}",
+                  flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                model.save_weights(os.path.join(folder, WEIGHTS_FILE))
+                state["evaluation"] = evaluation
+                Path(folder, STATE_FILE).write_text(json.dumps(state))
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+        if state["since_best"] >= stage.patience:
+            if rank == 0:
+                print(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)",
+                      flush=True)
+            break

@@ -1,0 +1,183 @@
+"""The network's contract: head names, the preprocess layer, freezing, weight files."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+from mdfer.errors import ConfigError
+from mdfer.model import (
+    BACKBONE,
+    PREPROCESS,
+    backbone_layers,
+    build_model,
+    preprocess_constants,
+    set_trainable_fraction,
+    without_preprocess,
+)
+
+DOMAINS = [("fer2013", 7), ("fane", 9)]
+SIZE = 32
+
+# Keras's own saving code calls np.array(variable) on numpy 2; harmless, but noisy.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    return build_model(DOMAINS, image_size=SIZE)
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
+
+
+def _predict(model, images):
+    return {k: np.asarray(v) for k, v in model(images, training=False).items()}
+
+
+def test_outputs_two_domains(model):
+    out = model(_images(2), training=False)
+    assert set(out) == {"fer2013", "fane", "domain"}
+    assert out["fer2013"].shape == (2, 7)
+    assert out["fane"].shape == (2, 9)
+    assert out["domain"].shape == (2, 2)
+    np.testing.assert_allclose(np.sum(out["fane"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_outputs_three_domains():
+    m = build_model([*DOMAINS, ("sfew", 7)], image_size=SIZE, weights="none")
+    out = m(_images(3), training=False)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "fer2013": (3, 7),
+        "fane": (3, 9),
+        "sfew": (3, 7),
+        "domain": (3, 3),
+    }
+
+
+def test_bad_domains_are_config_errors():
+    with pytest.raises(ConfigError, match="unique"):
+        build_model([("a", 3), ("a", 4)], image_size=SIZE)
+    with pytest.raises(ConfigError, match="reserved"):
+        build_model([("domain", 3)], image_size=SIZE)
+
+
+def test_preprocess_layer_matches_constants_and_keras(model):
+    assert model.layers[1].name == PREPROCESS  # right after the input
+    mean, std = preprocess_constants()
+    image = np.zeros((1, 4, 4, 3), "float32") + np.array([0.0, 128.0, 255.0], "float32")
+
+    ours = np.asarray(model.get_layer(PREPROCESS)(image))
+    np.testing.assert_allclose(ours, (image - np.array(mean)) / np.array(std), rtol=1e-5)
+
+    # The same as what EfficientNetV2's own include_preprocessing=True does.
+    reference = keras.applications.EfficientNetV2B0(
+        include_top=False, include_preprocessing=True, weights=None, input_shape=(SIZE, SIZE, 3)
+    )
+    theirs = reference.get_layer("normalization")(reference.get_layer("rescaling")(image))
+    np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-5, atol=1e-6)
+
+
+def test_without_preprocess_shares_weights(model):
+    images = _images(2)
+    mean, std = preprocess_constants()
+    stripped = without_preprocess(model)
+    assert PREPROCESS not in [layer.name for layer in stripped.layers]
+    normalized = (images - np.array(mean, "float32")) / np.array(std, "float32")
+    for name, value in _predict(stripped, normalized).items():
+        np.testing.assert_allclose(value, _predict(model, images)[name], rtol=1e-4, atol=1e-6)
+
+
+def _frozen_names(model):
+    return [layer.name for layer in backbone_layers(model) if not layer.trainable]
+
+
+def test_set_trainable_fraction_half(model):
+    counted = [layer.name for layer in backbone_layers(model)]
+    summary = set_trainable_fraction(model, 0.5)
+
+    half = len(counted) // 2
+    assert summary["n_backbone_layers"] == len(counted) == 150
+    assert summary["n_frozen"] == half
+    assert _frozen_names(model) == counted[:half]
+    assert summary["first_trainable"] == counted[half]
+    for name in ("fer2013", "fane", "domain"):
+        assert model.get_layer(name).trainable
+    assert summary["n_trainable_weights"] == len(model.trainable_weights)
+
+
+def test_set_trainable_fraction_edges_and_unfreezing(model):
+    counted = [layer.name for layer in backbone_layers(model)]
+    summary = set_trainable_fraction(model, 1.0)
+    assert _frozen_names(model) == counted
+    assert summary["first_trainable"] is None
+    assert summary["n_trainable_weights"] == 6  # kernel + bias of the three heads
+
+    # Back to 0 after 1: nothing may stay frozen (Keras skips `trainable = True` when
+    # the parent already reads True; the function must still unfreeze the sublayers).
+    summary = set_trainable_fraction(model, 0.0)
+    assert _frozen_names(model) == []
+    assert summary["first_trainable"] == counted[0]
+    assert summary["n_trainable_weights"] > 6
+
+    with pytest.raises(ConfigError):
+        set_trainable_fraction(model, 1.5)
+
+
+def test_frozen_batchnorm_keeps_moving_stats(model):
+    set_trainable_fraction(model, 0.5)
+    backbone = model.get_layer(BACKBONE)
+    frozen_bn, live_bn = backbone.get_layer("stem_bn"), backbone.get_layer("top_bn")
+    assert isinstance(frozen_bn, keras.layers.BatchNormalization) and not frozen_bn.trainable
+    assert live_bn.trainable
+
+    before = {bn.name: [w.numpy() for w in bn.non_trainable_weights] for bn in (frozen_bn, live_bn)}
+    model(_images(4, seed=3), training=True)
+
+    for old, new in zip(before["stem_bn"], frozen_bn.non_trainable_weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    assert any(
+        not np.array_equal(old, new.numpy())
+        for old, new in zip(before["top_bn"], live_bn.non_trainable_weights)
+    )
+    set_trainable_fraction(model, 0.0)
+
+
+def test_weights_h5_round_trip(model, tmp_path):
+    path = str(tmp_path / "model.weights.h5")
+    model.save_weights(path)
+    fresh = build_model(DOMAINS, image_size=SIZE, weights=path)
+    images = _images(2, seed=5)
+    expected = _predict(model, images)
+    for name, value in _predict(fresh, images).items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_backbone_only_h5_seeds_any_heads(model, tmp_path):
+    path = str(tmp_path / "backbone.weights.h5")
+    model.get_layer(BACKBONE).save_weights(path)
+    fresh = build_model([*DOMAINS, ("sfew", 7)], image_size=SIZE, weights=path)
+    for ours, theirs in zip(fresh.get_layer(BACKBONE).weights, model.get_layer(BACKBONE).weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
+def test_keras_file_seeds_backbone_and_matching_heads(model, tmp_path):
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    fresh = build_model([*DOMAINS, ("sfew", 7)], image_size=SIZE, weights=path)
+    for name in (BACKBONE, "fer2013", "fane"):
+        for ours, theirs in zip(fresh.get_layer(name).weights, model.get_layer(name).weights):
+            np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    # The domain head has 3 classes now, so it cannot come from the 2-domain file.
+    assert fresh.get_layer("domain").kernel.shape[-1] == 3
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    missing = str(tmp_path / "nowhere" / "best.weights.h5")
+    with pytest.raises(FileNotFoundError, match="nowhere/best.weights.h5"):
+        build_model(DOMAINS, image_size=SIZE, weights=missing)
