@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -133,13 +134,22 @@ def _shard_paths(store: Store, manifest: dict, split: str, domain: str | None = 
             if domain is None or s["domain"] == domain]
 
 
+def quiet_progress() -> None:
+    """Per-operator bars every second from every worker bury the per-epoch lines in a job log;
+    keep one bar per dataset, and only where a person watches a terminal."""
+    context = ray.data.DataContext.get_current()
+    context.enable_operator_progress_bars = False
+    context.enable_progress_bars = sys.stderr.isatty()
+
+
 def _read(store: Store, paths: list[str]) -> ray.data.Dataset:
-    return ray.data.read_parquet(paths, filesystem=store.fs,
-                                 columns=["image", "domain_index", "label"])
+    return ray.data.read_parquet(paths, filesystem=store.fs).select_columns(
+        ["image", "domain_index", "label"])
 
 
 def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan) -> dict[str, ray.data.Dataset]:
     """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long."""
+    quiet_progress()
     decode = DecodeBatch(config.model.image_size, config.stream.augment)
     sizes = _split_sizes(manifest, "train")
     datasets = {}

@@ -124,8 +124,14 @@ def train_stage(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard(VAL_DATASET)
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
         started = time.perf_counter()
-        loss_sum, steps = 0.0, 0
-        for batch in iter_train_batches(train_shards, plan, config.stream.shuffle_buffer):
+        loss_sum, steps, data_wait = 0.0, 0, 0.0
+        batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
             batch["image"] = batch["image"].astype(np.float32)
             loss, _ = train_step({k: tf.constant(v) for k, v in batch.items()})
             loss_sum, steps = loss_sum + float(loss), steps + 1
@@ -134,7 +140,7 @@ def train_stage(loop_config: dict) -> None:
                                     val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
                                     classes, rank, world, strategy)
         metrics = _flat_metrics(stage.name, epoch, evaluation)
-        metrics.update(loss=loss_sum / max(steps, 1), train_seconds=train_seconds,
+        metrics.update(loss=loss_sum / max(steps, 1), train_seconds=train_seconds, data_wait_seconds=data_wait,
                        images_per_second=steps * plan.global_batch_size / train_seconds)
         if metrics["val_macro_f1"] > state["best_macro_f1"]:
             state.update(best_macro_f1=metrics["val_macro_f1"], best_epoch=epoch, since_best=0)
@@ -149,7 +155,8 @@ def train_stage(loop_config: dict) -> None:
                              if k.startswith("val_") and k != "val_macro_f1")
             print(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} "
                   f"val_macro_f1 {metrics['val_macro_f1']:.4f} ({heads}) "
-                  f"{metrics['images_per_second']:.0f} img/s{'  *best*' if metrics['is_best'] else ''}",
+                  f"{metrics['images_per_second']:.0f} img/s, {data_wait:.1f}s of {train_seconds:.1f}s "
+                  f"waiting for data{'  *best*' if metrics['is_best'] else ''}",
                   flush=True)
         with tempfile.TemporaryDirectory() as folder:
             saved = None

@@ -67,3 +67,35 @@ def fresh_s3_server(tmp_path: Path) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+# --- Ray and prepared data -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One private local Ray for the in-process tests (address="local": never a stale cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Generated FER-like + FANE-like data prepared into a local store, shared by the session."""
+    from mdfer import synth
+    from mdfer.config import load_config
+    from mdfer.ingest import prepare
+    from mdfer.storage import Store
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.write_fer_like(root / "fer2013", train_per_class=24, test_per_class=6, seed=11)
+    synth.write_fane_like(root / "fane", per_class=20, seed=12)
+    config = load_config(None, {"fer2013": str(root / "fer2013"), "fane": str(root / "fane")})
+    store = Store(str(root / "store"))
+    manifest = prepare(config, store)
+    return {"root": root, "store": store, "manifest": manifest, "config": config}

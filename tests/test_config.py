@@ -1,0 +1,91 @@
+"""Config validation: every bad value is an error naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mdfer.config import load_config, require_roots
+from mdfer.errors import ConfigError
+
+DEFAULT = Path(__file__).parents[1] / "mdfer" / "configs" / "default.yaml"
+
+
+def write(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    edit(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda c: c["train"].update(learning_rate=1), "train.learning_rate", "unknown key"),
+    (lambda c: c["train"]["stages"][0].update(lr=0), "train.stages[0].lr", "must be > 0"),
+    (lambda c: c["train"]["stages"][1].update(lr=-1e-4), "train.stages[1].lr", "must be > 0"),
+    (lambda c: c["train"]["stages"][0].update(frozen_fraction=1.5), "train.stages[0].frozen_fraction", "outside [0, 1]"),
+    (lambda c: c["model"].update(image_size=16), "model.image_size", "below 32"),
+    (lambda c: c["model"].update(image_size="big"), "model.image_size", "expected int"),
+    (lambda c: c["train"].update(workers=2.5), "train.workers", "expected int"),
+    (lambda c: c["stream"].update(batch_size=31), "stream.batch_size", "divide evenly"),
+    (lambda c: c["data"]["domains"][0].pop("classes"), "data.domains[0].classes", "required key is missing"),
+    (lambda c: c["data"]["domains"][1]["folders"].update(shy="bashful"), "data.domains[1].folders.shy", "maps to 'bashful'"),
+    (lambda c: c["data"]["domains"][0]["splits"].update(dev="dev"), "data.domains[0].splits.dev", "unknown split"),
+    (lambda c: c["train"]["stages"][0]["loss_weights"].pop("fane"), "train.stages[0].loss_weights", "needs exactly the heads"),
+    (lambda c: c["stream"]["domain_mix"].update(sfew=0.5), "stream.domain_mix.sfew", "no dataset named"),
+    (lambda c: c["stream"]["augment"].update(max_rotation_deg=90), "stream.augment.max_rotation_deg", "within [0, 45]"),
+    (lambda c: c["data"]["domains"][1].update(name="fer2013"), "data.domains", "names repeat"),
+])
+def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
+    path = write(tmp_path, edit)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {key}:"), message
+    assert words in message
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_missing_or_absent_data_root_is_named(tmp_path):
+    config = load_config()
+    with pytest.raises(ConfigError, match=r"data\.domains\[0\]\.root \(fer2013\): missing"):
+        require_roots(config)
+    config = load_config(None, {"fer2013": str(tmp_path), "fane": str(tmp_path / "absent")})
+    with pytest.raises(ConfigError, match=r"data\.domains\[1\]\.root \(fane\): .*absent is not a folder"):
+        require_roots(config)
+    with pytest.raises(ConfigError, match="no dataset named 'sfew'"):
+        load_config(None, {"sfew": str(tmp_path)})
+
+
+def test_default_config_is_the_seed(tmp_path):
+    config = load_config()
+    assert config.domain_names() == ["fer2013", "fane"]
+    assert config.domain("fer2013").classes == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    assert len(config.domain("fane").classes) == 9
+    assert [(s.lr, s.frozen_fraction) for s in config.train.stages] == [(5e-4, 0.5), (1e-4, 0.3), (5e-5, 0.0)]
+    assert [s.loss_weights["domain"] for s in config.train.stages] == [0.1, 0.2, 0.1]
+
+
+def test_third_dataset_by_config_alone_and_relative_roots(tmp_path):
+    def add_sfew(c):
+        c["data"]["domains"].append({
+            "name": "sfew", "root": "sfew-data",
+            "classes": ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"],
+            "folders": {"Angry": "angry", "Disgust": "disgust", "Fear": "fear", "Happy": "happy",
+                        "Sad": "sad", "Surprise": "surprise", "Neutral": "neutral"},
+            "splits": {"train": "train"}})
+        for stage in c["train"]["stages"]:
+            stage["loss_weights"]["sfew"] = 1.0
+    config = load_config(write(tmp_path, add_sfew))
+    assert config.domain_names() == ["fer2013", "fane", "sfew"]
+    assert config.domain("sfew").root == str(tmp_path / "sfew-data")
