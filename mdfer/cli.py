@@ -30,6 +30,10 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                    help=f"local folder or s3://bucket/prefix (default: {DEFAULT_STORE})")
 
 
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+
+
 def _load(args: argparse.Namespace):
     from mdfer.config import load_config, parse_data_roots
     return load_config(args.config, parse_data_roots(args.data_root))
@@ -69,10 +73,75 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mdfer.evaluate import evaluate_run
+    from mdfer.storage import Store
+    result = evaluate_run(_load(args), Store(args.store), args.run_id, args.split, args.weights)
+    _print_headline(result)
+    print(f"report: {args.store}/runs/{args.run_id}/report/{args.split}/")
+    return 0
+
+
+def _print_headline(result: dict) -> None:
+    print(f"{'head':<12} {'n':>6} {'accuracy':>9} {'macro-F1':>9}")
+    for head, metrics in result["heads"].items():
+        print(f"{head:<12} {metrics['n']:>6} {metrics['accuracy']:>9.4f} {metrics['macro_f1']:>9.4f}")
+    print(f"{'mean':<12} {'':>6} {'':>9} {result['macro_f1']:>9.4f}")
+
+
+def _synthetic_roots(config, data_dir: str, per_class: int) -> None:
+    """The embedded default: generated FER-like and FANE-like data, written once."""
+    from pathlib import Path
+
+    from mdfer import synth
+    done = Path(data_dir) / f".complete-{per_class}"
+    if not done.exists():
+        log.info("generating synthetic data in %s (%d images per class)", data_dir, per_class)
+        synth.write_fer_like(f"{data_dir}/fer2013", per_class, max(2, per_class // 4), seed=0)
+        synth.write_fane_like(f"{data_dir}/fane", per_class + per_class // 4, seed=0)
+        done.touch()
+    config.domain("fer2013").root = f"{data_dir}/fer2013"
+    config.domain("fane").root = f"{data_dir}/fane"
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    import hashlib
+    import time
+
+    import yaml
+
+    from mdfer.evaluate import evaluate_run
+    from mdfer.ingest import prepare, summary_lines
+    from mdfer.stages import train_run
+    from mdfer.storage import Store
+    started = time.perf_counter()
+    config = _load(args)
+    if all(not d.root for d in config.data.domains) and config.domain_names() == ["fer2013", "fane"]:
+        _synthetic_roots(config, args.data_dir, args.synth_per_class)
+    store = Store(args.store)
+    manifest = prepare(config, store)
+    for line in summary_lines(manifest):
+        print(line)
+    identity = yaml.safe_dump(config.to_dict(), sort_keys=True) + manifest["dataset_id"]
+    run_id = args.run_id or f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+    train_run(config, store, run_id, manifest["dataset_id"], args.address)
+    result = evaluate_run(config, store, run_id, "test")
+    print(f"\nrun {run_id} on dataset {manifest['dataset_id']}, test split:")
+    _print_headline(result)
+    print("\nartifacts:")
+    for key in store.list_files(f"runs/{run_id}"):
+        if "/ray/" not in key:
+            print(f"  {store.key_uri(key)}")
+    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "synth": (cmd_synth, "write small generated FER-like and FANE-like datasets"),
     "prepare": (cmd_prepare, "validate, de-duplicate and split datasets into Parquet shards"),
     "train": (cmd_train, "train the stages of a run on Ray Train (resumes or skips finished stages)"),
+    "evaluate": (cmd_evaluate, "score a run on a prepared split: metrics.json and confusion-matrix PNGs"),
+    "pipeline": (cmd_pipeline, "prepare -> train -> evaluate in one command (no arguments: generated demo data)"),
 }
 
 
@@ -97,7 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-id", required=True, help="a prepared dataset in the store (see prepare)")
     p.add_argument("--run-id", required=True, help="names the run; rerun the same id to resume")
     p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _address_arg(p)
+
+    p = parsers["evaluate"]
+    _config_args(p)
+    _store_arg(p)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--weights", help="weights file (.weights.h5/.keras, local or s3://) instead of the run's best")
+
+    p = parsers["pipeline"]
+    _config_args(p)
+    _store_arg(p)
+    p.add_argument("--run-id", help="default: derived from the config and dataset, so a rerun resumes")
+    p.add_argument("--data-dir", default=DEFAULT_DATA, help="where generated data goes when no roots are set")
+    p.add_argument("--synth-per-class", type=int, default=60, help="generated training images per class")
+    _address_arg(p)
     return parser
 
 

@@ -36,6 +36,12 @@ def run_key(run_id: str, *parts: str) -> str:
     return "/".join(["runs", run_id, *parts])
 
 
+# On a small machine the Train actors use up Ray's idle-worker allowance (one per CPU), so the
+# data stream's task workers were killed after 1 s idle and re-spawned (seconds of imports)
+# every epoch. Keep them. `ray start --head --system-config` takes the same settings.
+LOCAL_RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 32, "idle_worker_killing_time_threshold_ms": 600_000}
+
+
 def ensure_ray(address: str | None = None, **init_options) -> None:
     """Join the given cluster (or RAY_ADDRESS, as under `ray job submit`); else start a private one.
 
@@ -48,7 +54,7 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
     if address:
         ray.init(address=address, **init_options)
     else:
-        ray.init(address="local", **init_options)
+        ray.init(address="local", _system_config=LOCAL_RAY_SYSTEM_CONFIG, **init_options)
 
 
 def check_dataset_matches(config: Config, manifest: dict) -> None:

@@ -72,9 +72,11 @@ def fresh_s3_server(tmp_path: Path) -> Iterator[S3Server]:
 # --- Ray and prepared data -----------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    """One private local Ray for the in-process tests (address="local": never a stale cluster)."""
+    """A private local Ray for one module's in-process tests (address="local": never a stale
+    cluster). Module scope: it must be gone before tests that start Ray in a subprocess, or
+    Train's placement-group cleaner finds two clusters and cannot tell which is its own."""
     import ray
 
     ray.init(address="local", num_cpus=2, log_to_driver=True)

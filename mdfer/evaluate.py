@@ -1,0 +1,84 @@
+"""`mdfer evaluate`: a run's best weights (or any weights/.keras file) on a prepared split.
+
+Runs in one process, in split order, without augmentation: the same weights and split always
+give the same numbers. Writes metrics.json, one confusion-matrix PNG per head and the
+training curves to `runs/<run-id>/report/<split>/`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mdfer.config import Config
+from mdfer.errors import MdferError
+from mdfer.ingest import dataset_key, load_manifest
+from mdfer.metrics import batch_confusions, summarize
+from mdfer.storage import Store, local_copy
+from mdfer.stream import DecodeBatch
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 128
+
+
+def iter_split(store: Store, manifest: dict, split: str, image_size: int,
+               batch_size: int = EVAL_BATCH) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded batches of one split, shard by shard, in the order they were written."""
+    if split not in manifest["shards"]:
+        raise MdferError(f"dataset {manifest['dataset_id']} has no split {split!r} "
+                         f"(it has {', '.join(manifest['shards'])})")
+    decode = DecodeBatch(image_size, None)
+    for shard in manifest["shards"][split]:
+        table = pq.read_table(io.BytesIO(store.read_bytes(f"{dataset_key(manifest['dataset_id'])}/{shard['file']}")),
+                              columns=["image", "domain_index", "label"])
+        for start in range(0, table.num_rows, batch_size):
+            chunk = table.slice(start, batch_size)
+            yield decode({name: chunk.column(name).to_numpy(zero_copy_only=False)
+                          for name in ("image", "domain_index", "label")})
+
+
+def evaluate_model(model, store: Store, manifest: dict, split: str, classes: dict[str, list[str]],
+                   image_size: int) -> dict:
+    totals: dict[str, np.ndarray] = {}
+    for batch in iter_split(store, manifest, split, image_size):
+        probs = model(batch["image"].astype(np.float32), training=False)
+        counts = batch_confusions({k: np.asarray(v) for k, v in probs.items()},
+                                  batch["domain"], batch["label"], classes)
+        for name, matrix in counts.items():
+            totals[name] = totals.get(name, 0) + matrix
+    if not totals:
+        raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
+    return summarize(totals, classes)
+
+
+def load_for_eval(config: Config, weights_uri: str):
+    """Build the configured model and load weights (a .weights.h5 or .keras, local or s3://)."""
+    from mdfer.model import build_model, load_weights_file
+    model = build_model([(d.name, len(d.classes)) for d in config.data.domains], config.model.image_size)
+    with tempfile.TemporaryDirectory() as folder:
+        load_weights_file(model, local_copy(weights_uri, folder))
+    return model
+
+
+def evaluate_run(config: Config, store: Store, run_id: str, split: str = "test",
+                 weights: str | None = None) -> dict:
+    """Score a run's final weights (or `weights`) on a split and write the report beside the run."""
+    from mdfer.report import write_report
+    from mdfer.stages import HAILO_WEIGHTS, run_key
+    run = store.read_json(run_key(run_id, "run.json")) if store.exists(run_key(run_id, "run.json")) else None
+    if run is None:
+        raise MdferError(f"{store.key_uri(run_key(run_id))}: no such run (train it first)")
+    manifest = load_manifest(store, run["dataset_id"])
+    weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
+    model = load_for_eval(config, weights)
+    classes = {d.name: d.classes for d in config.data.domains}
+    result = evaluate_model(model, store, manifest, split, classes, config.model.image_size)
+    result.update(run_id=run_id, dataset_id=run["dataset_id"], split=split, weights=weights)
+    history = store.read_json(run_key(run_id, "metrics.json")) if store.exists(run_key(run_id, "metrics.json")) else None
+    write_report(store, run_key(run_id, "report", split), result, history)
+    return result

@@ -1,0 +1,141 @@
+"""Three-stage training on Ray Train with two workers, run as a user would (`mdfer train`).
+
+Each test starts `mdfer` in a subprocess, which starts (and stops) its own local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mdfer import synth
+from mdfer.config import load_config
+from mdfer.ingest import prepare
+from mdfer.storage import Store
+
+MDFER = [sys.executable, "-m", "mdfer.cli"]
+DEFAULT = Path(__file__).parents[1] / "mdfer" / "configs" / "default.yaml"
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory) -> dict:
+    """Enough generated faces for a from-scratch model to learn in a few epochs."""
+    root = tmp_path_factory.mktemp("learnable")
+    synth.write_fer_like(root / "fer2013", train_per_class=60, test_per_class=10, seed=21)
+    synth.write_fane_like(root / "fane", per_class=50, seed=22)
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["model"]["image_size"] = 32
+    raw["stream"]["batch_size"] = 32
+    raw["train"]["stages"] = [
+        {"name": "stage1", "lr": 2e-3, "loss_weights": {"fer2013": 1.0, "fane": 1.0, "domain": 0.1},
+         "frozen_fraction": 0.5, "epochs": 2, "patience": 2},
+        {"name": "stage2", "lr": 1e-3, "loss_weights": {"fer2013": 1.0, "fane": 1.0, "domain": 0.2},
+         "frozen_fraction": 0.3, "epochs": 2, "patience": 2},
+        {"name": "stage3", "lr": 5e-4, "loss_weights": {"fer2013": 1.0, "fane": 1.0, "domain": 0.1},
+         "frozen_fraction": 0.0, "epochs": 2, "patience": 2},
+    ]
+    raw["data"]["domains"][0]["root"] = str(root / "fer2013")
+    raw["data"]["domains"][1]["root"] = str(root / "fane")
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    store = Store(str(root / "store"))
+    manifest = prepare(load_config(config_path), store)
+    return {"root": root, "config": config_path, "store": store, "dataset_id": manifest["dataset_id"],
+            "raw": raw}
+
+
+def run_mdfer(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([*MDFER, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def train_args(data: dict, run_id: str, config: Path | None = None) -> list[str]:
+    return ["train", "--config", str(config or data["config"]), "--store", data["store"].uri,
+            "--dataset-id", data["dataset_id"], "--run-id", run_id]
+
+
+def test_three_stages_two_workers_learn_and_rerun_skips(learnable):
+    store = learnable["store"]
+    done = run_mdfer(*train_args(learnable, "learn"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = store.read_json("runs/learn/metrics.json")
+    assert list(metrics["stages"]) == ["stage1", "stage2", "stage3"]
+    # chance macro-F1 for a constant guess is ~0.03; a uniform random guess ~0.13
+    assert metrics["val_macro_f1"] > 0.4, metrics["val_macro_f1"]
+    for stage in metrics["stages"].values():
+        assert [row["epoch"] for row in stage["history"]] == [1, 2]
+    # per-epoch lines with the metrics, from the rank-0 worker
+    assert "stage3 epoch 2/2: loss" in done.stdout + done.stderr
+    sealed = {key: Path(store.path(key)).stat().st_mtime_ns for key in store.list_files("runs/learn")
+              if key.split("/")[2:3] and key.split("/")[2].startswith("stage")}
+
+    # evaluate writes metrics and pictures for every head
+    evaluated = run_mdfer("evaluate", "--config", str(learnable["config"]), "--store", store.uri,
+                          "--run-id", "learn", "--split", "test")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = store.read_json("runs/learn/report/test/metrics.json")
+    assert set(report["heads"]) == {"fer2013", "fane", "domain"}
+    assert report["heads"]["fer2013"]["n"] == 70
+    for name in ("confusion_fer2013.png", "confusion_fane.png", "confusion_domain.png", "training_curves.png"):
+        assert store.read_bytes(f"runs/learn/report/test/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same run id again: every stage is skipped and nothing a stage wrote changes
+    again = run_mdfer(*train_args(learnable, "learn"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already complete") == 3
+    assert "epoch 1/2" not in again.stdout + again.stderr
+    assert {key: Path(store.path(key)).stat().st_mtime_ns for key in sealed} == sealed
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the local Ray that `mdfer` started lives under it)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            found += map(int, children)
+            queue += map(int, children)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
+    raw = json.loads(json.dumps(learnable["raw"]))
+    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=3, patience=3)]
+    config = tmp_path / "one_stage.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    store = learnable["store"]
+    process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.time() + 600
+        while not any("/checkpoint_" in k for k in store.list_files("runs/fault/stage1/ray")):
+            assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(1)
+        workers = [p for p in _descendants(process.pid) if "ray::RayTrainWorker" in _cmdline(p)]
+        assert workers, "no Ray Train worker found under the mdfer process"
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+    assert process.returncode == 0, output[-4000:]
+    history = store.read_json("runs/fault/metrics.json")["stages"]["stage1"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert "resuming after epoch" in output
