@@ -157,10 +157,11 @@ def record(make: Callable[[], Iterable], count: Callable[[Any], int],
     return Timeline(times, sizes)
 
 
-def stream_result(name: str, timeline: Timeline, warmup: int, batches: int,
-                  ceiling: float | None = None, note: str = "") -> Result:
+def stream_result(name: str, timeline: Timeline, warmup: int, batches: int, ceiling: float | None = None,
+                  note: str = "", whole_pass: bool = True) -> Result:
+    """whole_pass=False when the timeline is not a full epoch (train step, end to end)."""
     rate, timed = timeline.window(warmup, batches)
-    return Result(name, timeline.times[0], rate, timed, timeline.epoch(),
+    return Result(name, timeline.times[0], rate, timed, timeline.epoch() if whole_pass else None,
                   buffered=ceiling is not None and rate > ceiling, note=note)
 
 
@@ -336,8 +337,8 @@ def print_table(report: Report) -> None:
           f"{s['image_size']}x{s['image_size']} RGB, batch {s['batch_size']}, {s['cores']} cores")
     print(f"window = {s['batches']} batches after {s['warmup']} warm-up (train step: {s['train_steps']} "
           f"steps after {s['warmup']}); epoch = one full pass incl. start-up")
-    print(f"load average at start / end: {s['load_start']:.1f} / {s['load_end']:.1f}"
-          + ("  (other processes share the cores: expect noise)" if max(s['load_start'], s['load_end']) > 1 else ""))
+    print(f"1-min load average before the run: {s['load_start']:.1f}"
+          + ("  (other processes were using the cores: expect noise)" if s["load_start"] > 0.5 * s["cores"] else ""))
     print()
     print(f"{'variant':<44}{'start-up s':>11}{'window img/s':>14}{'epoch img/s':>13}  note")
     print("-" * 120)
@@ -451,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             steps[key] = make_step(size, batch, frozen)
             timeline = time_step(steps[key], size, batch, warmup, args.train_steps)
             report.add(key, stream_result(f"train step, {frozen:.0%} of backbone frozen", timeline,
-                                          warmup, args.train_steps, note="EfficientNetV2B0, fixed batch"))
+                                          warmup, args.train_steps, note="EfficientNetV2B0, fixed batch",
+                                          whole_pass=False))
         fastest = max(steps, key=lambda k: report.results[k].window_img_s) if steps else None
         lap("train step")
 
@@ -473,16 +475,16 @@ def main(argv: list[str] | None = None) -> int:
             print("Ray Data stream feeding the training step ...", flush=True)
             timeline, _ = ray_stream(store, manifest, config, on_batch=steps[fastest],
                                      limit=warmup + args.train_steps)
-            result = stream_result(f"end to end: Ray stream -> {report.results[fastest].name[11:]}",
+            frozen = float(fastest.removeprefix("step_frozen_"))
+            result = stream_result(f"end to end: Ray stream -> step, {frozen:.0%} frozen",
                                    timeline, warmup, args.train_steps,
-                                   note="start-up = wait for the first batch + first step")
-            result.epoch_img_s = None  # only `limit` batches were trained on
+                                   note="start-up = wait for the first batch + first step",
+                                   whole_pass=False)
             report.add("e2e", result)
             lap("end to end")
         ray.shutdown()
         ray_started = False
 
-        report.settings["load_end"] = os.getloadavg()[0]
         add_ratios(report, fastest)
         print_table(report)
         if args.out:

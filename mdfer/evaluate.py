@@ -32,7 +32,7 @@ def iter_split(store: Store, manifest: dict, split: str, image_size: int,
     if split not in manifest["shards"]:
         raise MdferError(f"dataset {manifest['dataset_id']} has no split {split!r} "
                          f"(it has {', '.join(manifest['shards'])})")
-    decode = DecodeBatch(image_size, None)
+    decode = DecodeBatch(image_size)
     for shard in manifest["shards"][split]:
         table = pq.read_table(io.BytesIO(store.read_bytes(f"{dataset_key(manifest['dataset_id'])}/{shard['file']}")),
                               columns=["image", "domain_index", "label"])

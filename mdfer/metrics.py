@@ -12,6 +12,8 @@ from sklearn.metrics import confusion_matrix
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """[true, predicted] counts over a fixed label set (absent classes keep their row)."""
+    if len(y_true) == 0:  # a batch may hold no sample of some dataset
+        return np.zeros((num_classes, num_classes), np.int64)
     return confusion_matrix(y_true, y_pred, labels=list(range(num_classes))).astype(np.int64)
 
 

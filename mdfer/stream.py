@@ -25,6 +25,7 @@ from mdfer.storage import Store
 
 TRAIN_PREFIX = "train_"  # Ray Train dataset names: train_<domain>
 BATCH_KEYS = ("image", "domain", "label")
+DECODE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ def decode_image(data: bytes, size: int) -> Image.Image:
         return image.resize((size, size), Image.Resampling.BILINEAR)
 
 
-def augment_image(image: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+def augment_image(pixels: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Flip, small shift and rotation (one affine warp), then brightness and contrast."""
+    image = Image.fromarray(pixels)
     size = image.size[0]
     if aug.flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -96,33 +98,40 @@ def augment_image(image: Image.Image, aug: AugmentConfig, rng: np.random.Generat
     if angle or dx or dy:
         image = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy),
                              fillcolor=(0, 0, 0))
-    pixels = np.asarray(image, dtype=np.float32)
+    out = np.asarray(image, dtype=np.float32)
     contrast = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
     brightness = rng.uniform(-aug.brightness, aug.brightness) * 255.0
-    mean = pixels.mean()
-    pixels = (pixels - mean) * contrast + mean + brightness
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    mean = out.mean()
+    out = (out - mean) * contrast + mean + brightness
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 class DecodeBatch:
-    """Ray Data batch function: Parquet rows -> uint8 images plus labels (uint8 keeps transfers small)."""
+    """Ray Data batch function: Parquet rows -> uint8 RGB images plus labels (uint8 keeps the
+    object store and transfers small; the model casts)."""
 
-    def __init__(self, size: int, augment: AugmentConfig | None):
+    def __init__(self, size: int):
         self.size = size
-        self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng()
-        images = []
-        for data in batch["image"]:
-            image = decode_image(data, self.size)
-            images.append(augment_image(image, self.augment, rng) if self.augment
-                          else np.asarray(image, dtype=np.uint8))
+        images = [np.asarray(decode_image(data, self.size), dtype=np.uint8) for data in batch["image"]]
         return {
             "image": np.stack(images) if images else np.zeros((0, self.size, self.size, 3), np.uint8),
             "domain": batch["domain_index"].astype(np.int32),
             "label": batch["label"].astype(np.int32),
         }
+
+
+class AugmentBatch:
+    """Ray Data batch function: fresh random augmentation of decoded images, every epoch."""
+
+    def __init__(self, augment: AugmentConfig):
+        self.augment = augment
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng()
+        return {**batch, "image": np.stack([augment_image(p, self.augment, rng) for p in batch["image"]])
+                if len(batch["image"]) else batch["image"]}
 
 
 # ---------------------------------------------------------------- datasets (driver side)
@@ -147,28 +156,34 @@ def _read(store: Store, paths: list[str]) -> ray.data.Dataset:
         ["image", "domain_index", "label"])
 
 
+def _decoded(store: Store, paths: list[str], size: int) -> ray.data.Dataset:
+    """Decoded once and kept in the object store for the whole stage: each epoch then only
+    shuffles block order and augments, instead of re-reading and re-decoding every image."""
+    return _read(store, paths).map_batches(DecodeBatch(size), batch_size=DECODE_BATCH).materialize()
+
+
 def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan) -> dict[str, ray.data.Dataset]:
     """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long."""
     quiet_progress()
-    decode = DecodeBatch(config.model.image_size, config.stream.augment)
+    augment = AugmentBatch(config.stream.augment)
     sizes = _split_sizes(manifest, "train")
     datasets = {}
     for domain in plan.domains:
-        base = _read(store, _shard_paths(store, manifest, "train", domain))
+        base = _decoded(store, _shard_paths(store, manifest, "train", domain), config.model.image_size)
         needed = plan.rows_per_epoch(domain)
         repeated = base
         for _ in range(math.ceil(needed / sizes[domain]) - 1):
             repeated = repeated.union(base)
         datasets[TRAIN_PREFIX + domain] = (repeated.randomize_block_order()
                                            .limit(needed)
-                                           .map_batches(decode, batch_size=256))
+                                           .map_batches(augment, batch_size=DECODE_BATCH))
     return datasets
 
 
 def eval_dataset(store: Store, manifest: dict, config: Config, split: str) -> ray.data.Dataset:
-    """All rows of a split, decoded without augmentation."""
-    decode = DecodeBatch(config.model.image_size, None)
-    return _read(store, _shard_paths(store, manifest, split)).map_batches(decode, batch_size=256)
+    """All rows of a split, decoded once, without augmentation."""
+    quiet_progress()
+    return _decoded(store, _shard_paths(store, manifest, split), config.model.image_size)
 
 
 # ---------------------------------------------------------------- batches (worker side)
