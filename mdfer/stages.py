@@ -114,6 +114,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
         train_loop_config={
             "config": config.to_dict(), "config_source": config.source, "stage_index": stage_index,
             "plan": plan_as_dict(plan), "init_weights": init_weights,
+            "tensorboard_uri": store.key_uri(run_key(run_id, stage.name, "tensorboard")),
             "class_weights": class_weights(config, manifest),
         },
         scaling_config=ScalingConfig(

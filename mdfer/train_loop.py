@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mdfer.config import Config, config_from_dict
-from mdfer.storage import local_copy
+from mdfer.storage import Store, local_copy
 from mdfer.stream import TRAIN_PREFIX, EpochPlan, iter_train_batches
 
 WEIGHTS_FILE = "model.weights.h5"
@@ -59,6 +59,29 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
         for name in totals:
             totals[name] += counts[name]
     return summarize(allreduce_sum(strategy, totals), classes)
+
+
+class TensorBoard:
+    """Scalars per epoch, written locally by rank 0 and copied to the store after each epoch
+    (TensorFlow cannot write to s3:// itself without tensorflow-io)."""
+
+    def __init__(self, uri: str | None):
+        import tensorflow as tf
+        self.uri = uri
+        self.folder = tempfile.mkdtemp(prefix="mdfer-tb-")
+        self.writer = tf.summary.create_file_writer(self.folder)
+
+    def write(self, epoch: int, metrics: dict) -> None:
+        import tensorflow as tf
+        with self.writer.as_default():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "epoch":
+                    tf.summary.scalar(name, value, step=epoch)
+        self.writer.flush()
+        if self.uri:
+            store = Store(self.uri)
+            for path in Path(self.folder).iterdir():
+                store.write_bytes(path.name, path.read_bytes())
 
 
 def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
@@ -120,6 +143,7 @@ def train_stage(loop_config: dict) -> None:
               f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
               f"per epoch on {world} worker(s)", flush=True)
 
+    board = TensorBoard(loop_config.get("tensorboard_uri")) if rank == 0 else None
     train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
     val_shard = ray.train.get_dataset_shard(VAL_DATASET)
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
@@ -158,6 +182,8 @@ def train_stage(loop_config: dict) -> None:
                   f"{metrics['images_per_second']:.0f} img/s, {data_wait:.1f}s of {train_seconds:.1f}s "
                   f"waiting for data{'  *best*' if metrics['is_best'] else ''}",
                   flush=True)
+        if board:
+            board.write(epoch, metrics)
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:

@@ -1,0 +1,557 @@
+"""What does Ray Train cost mdfer's training, and how well do two workers scale?
+
+One run, on the same prepared shards, image size, global batch and stage settings:
+
+  (a) plain loop: one process, no Ray: `build_model` + `make_train_step` under OneDeviceStrategy,
+      fed pre-decoded in-memory batches with the same per-dataset mix as the stream, TensorFlow
+      threads set exactly as a 1-CPU Ray Train worker sets them (1 intra-op thread);
+  (a/2) diagnostic: the same plain loop at half the global batch, i.e. what each worker of (c)
+      computes per step, so the cost of a smaller per-worker batch is apart from Ray's;
+  (b) Ray Train, 1 worker x 1 thread, through mdfer's own code path (`mdfer.stages.fit_stage`:
+      Ray Data stream with augmentation, MultiWorkerMirroredStrategy, per-epoch validation
+      and checkpoint); train.cpus_per_worker 1 leaves one of the 2 CPUs to Ray Data;
+  (c) Ray Train, 2 workers x 1 thread (train.cpus_per_worker 0.5).
+
+The rate of each is the `images_per_second` the training loop measures per epoch (train steps
+only, validation excluded), summed over epochs 2.. (epoch 1 traces the tf.function). Every
+configuration runs in its own subprocess, one after the other, so TensorFlow's thread settings
+are fresh and never two Ray clusters exist at once. Goals: (b)/(a) >= 0.95 and scaling
+efficiency (c) / (2 x (b)) >= 0.85.
+
+    python benchmarks/train_throughput.py --out /tmp/train_throughput.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
+os.environ.setdefault("TQDM_DISABLE", "1")  # prepare's progress bars would bury the table
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+DEFAULT_YAML = Path(__file__).resolve().parents[1] / "mdfer" / "configs" / "default.yaml"
+RUN_PREFIX = "bench"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration to measure; `workers == 0` means the plain loop without Ray."""
+
+    key: str
+    name: str
+    workers: int
+    cpus_per_worker: float
+    batch_size: int  # global
+
+
+@dataclass
+class Measured:
+    """What one configuration's subprocess reports back."""
+
+    key: str
+    name: str
+    epochs: list[dict]  # per epoch: epoch, images_per_second, train_seconds, data_wait_seconds, steps
+    steps_per_epoch: int
+    global_batch: int
+    wall_stage_s: float  # build + epochs (plain); fit_stage() (Ray)
+    wall_process_s: float = 0.0  # the whole subprocess: imports, Ray start and stop included
+    ray_init_s: float | None = None
+    cpu_busy: float | None = None  # share of all cores busy while the stage ran (whole machine)
+    load_start: float = 0.0
+    load_end: float = 0.0
+    note: str = ""
+
+    def rate(self, skip: int = 1) -> float:
+        """Images per second over epochs after the first `skip` (all epochs if too few)."""
+        timed = self.epochs[skip:] or self.epochs
+        return sum(e["steps"] * self.global_batch for e in timed) / sum(e["train_seconds"] for e in timed)
+
+    def timed(self, skip: int = 1) -> list[dict]:
+        return self.epochs[skip:] or self.epochs
+
+
+@dataclass
+class Report:
+    settings: dict[str, Any]
+    results: dict[str, Measured] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- data and configs
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores from /proc/stat: says whether the cores were saturated."""
+    values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def busy_share(start: tuple[float, float], end: tuple[float, float]) -> float | None:
+    busy, total = end[0] - start[0], end[1] - start[1]
+    return busy / total if total > 0 else None
+
+
+def generated_roots(folder: Path, per_class: int) -> dict[str, str]:
+    """FER-like + FANE-like faces as `mdfer pipeline` generates them; written once per folder."""
+    from mdfer import synth
+
+    done = folder / f".complete-{per_class}"
+    if not done.exists():
+        synth.write_fer_like(folder / "fer2013", per_class, max(2, per_class // 4), seed=0)
+        synth.write_fane_like(folder / "fane", per_class + per_class // 4, seed=0)
+        done.touch()
+    return {"fer2013": str(folder / "fer2013"), "fane": str(folder / "fane")}
+
+
+def extract_subset(tarball: Path, folder: Path, per_class: int) -> dict[str, str]:
+    """The first `per_class` train images of each FER2013 class (a quarter as many test images):
+    the full 28k-image train split would take far longer than the time budget per epoch."""
+    root = folder / "fer2013"
+    done = folder / f".complete-{per_class}"
+    if not done.exists():
+        taken: dict[tuple[str, str], int] = {}
+        with tarfile.open(tarball) as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if not member.isfile() or len(parts) != 4 or parts[0] != "fer2013":
+                    continue
+                split, cls = parts[1], parts[2]
+                limit = per_class if split == "train" else max(2, per_class // 4)
+                if taken.get((split, cls), 0) < limit:
+                    taken[(split, cls)] = taken.get((split, cls), 0) + 1
+                    tar.extract(member, folder, filter="data")
+        if not (root / "train").is_dir():
+            raise SystemExit(f"{tarball}: expected fer2013/train/<class>/*.jpg inside")
+        done.touch()
+    return {"fer2013": str(root)}
+
+
+def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argparse.Namespace) -> Path:
+    """The embedded default reduced to the given datasets and one stage, so every variant trains
+    exactly what a run of mdfer would (same augmentation, shuffle buffer, loss weights)."""
+    raw = yaml.safe_load(DEFAULT_YAML.read_text())
+    raw["data"]["domains"] = [{**d, "root": roots[d["name"]]} for d in raw["data"]["domains"] if d["name"] in roots]
+    raw["model"]["image_size"] = args.image_size
+    raw["stream"]["batch_size"] = variant.batch_size
+    if args.no_augment:
+        raw["stream"]["augment"] = {"flip": False, "max_shift": 0.0, "max_rotation_deg": 0.0,
+                                    "brightness": 0.0, "contrast": 0.0}
+    raw["train"]["workers"] = max(1, variant.workers)
+    raw["train"]["cpus_per_worker"] = variant.cpus_per_worker
+    last = raw["train"]["stages"][-1]  # stage 3: the whole network trains by default
+    raw["train"]["stages"] = [{
+        "name": "bench", "lr": last["lr"], "frozen_fraction": args.frozen_fraction,
+        "epochs": args.epochs, "patience": args.epochs,  # never stop early
+        "loss_weights": {k: v for k, v in last["loss_weights"].items() if k in roots or k == "domain"}}]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------- the plain loop (child process)
+
+
+def decoded_train_rows(store, manifest: dict, config) -> dict[str, dict[str, np.ndarray]]:
+    """Every train image of each dataset decoded once, as the stream's DecodeBatch does it."""
+    import pyarrow.parquet as pq
+
+    from mdfer.ingest import dataset_key
+    from mdfer.stream import DecodeBatch
+
+    decode, prefix, rows = DecodeBatch(config.model.image_size), dataset_key(manifest["dataset_id"]), {}
+    for domain in config.domain_names():
+        parts = []
+        for shard in (s for s in manifest["shards"]["train"] if s["domain"] == domain):
+            table = pq.read_table(store.path(f"{prefix}/{shard['file']}"), columns=["image", "domain_index", "label"])
+            parts.append(decode({k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}))
+        if parts:
+            rows[domain] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return rows
+
+
+def epoch_indices(n: int, needed: int, rng: np.random.Generator) -> np.ndarray:
+    """`needed` row numbers: shuffled passes over all n rows, as the stream repeats a dataset."""
+    passes = [rng.permutation(n) for _ in range(-(-needed // n))]
+    return np.concatenate(passes)[:needed]
+
+
+def run_plain(config, store, manifest: dict) -> Measured:
+    """Variant (a): the training step with data that costs nothing, the ceiling Ray Train aims at."""
+    from mdfer.train_loop import _limit_threads
+
+    _limit_threads(1.0)  # exactly what a 1-CPU Ray Train worker sets, before TF starts its pools
+    import keras
+    import tensorflow as tf
+
+    from mdfer.model import build_model, set_trainable_fraction
+    from mdfer.stages import class_weights
+    from mdfer.steps import make_train_step
+    from mdfer.stream import BATCH_KEYS, plan_epoch
+
+    stage = config.train.stages[0]
+    started = time.perf_counter()
+    plan = plan_epoch(manifest, config, num_workers=1)
+    rows = decoded_train_rows(store, manifest, config)
+    keras.utils.set_random_seed(config.train.seed)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    classes = {d.name: d.classes for d in config.data.domains}
+    with strategy.scope():
+        model = build_model([(n, len(c)) for n, c in classes.items()], config.model.image_size,
+                            dropout=config.model.dropout)
+    set_trainable_fraction(model, stage.frozen_fraction)
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(learning_rate=stage.lr)
+    weights = {k: np.asarray(v, np.float32) for k, v in class_weights(config, manifest).items()}
+    step = make_train_step(strategy, model, optimizer, list(classes), stage.loss_weights,
+                           plan.global_batch_size, config.train.label_smoothing, weights)
+    rng = np.random.default_rng(config.train.seed)
+    epochs = []
+    for epoch in range(1, stage.epochs + 1):
+        order = {d: epoch_indices(len(rows[d]["label"]), plan.rows_per_epoch(d), rng) for d in plan.domains}
+        epoch_started, data_wait, loss_sum = time.perf_counter(), 0.0, 0.0
+        for index in range(plan.steps_per_epoch):
+            waited = time.perf_counter()
+            parts = []
+            for d in plan.domains:
+                share = plan.per_worker_batch[d]
+                picked = order[d][index * share:(index + 1) * share]
+                parts.append({k: rows[d][k][picked] for k in BATCH_KEYS})
+            batch = {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+            data_wait += time.perf_counter() - waited
+            batch["image"] = batch["image"].astype(np.float32)  # as train_loop feeds the step
+            loss, _ = step({k: tf.constant(v) for k, v in batch.items()})
+            loss_sum += float(loss)
+        seconds = time.perf_counter() - epoch_started
+        epochs.append({"epoch": epoch, "steps": plan.steps_per_epoch, "train_seconds": seconds,
+                       "data_wait_seconds": data_wait, "loss": loss_sum / plan.steps_per_epoch,
+                       "images_per_second": plan.steps_per_epoch * plan.global_batch_size / seconds})
+        print(f"plain epoch {epoch}/{stage.epochs}: {epochs[-1]['images_per_second']:.1f} img/s", flush=True)
+    return Measured("", "", epochs, plan.steps_per_epoch, plan.global_batch_size,
+                    time.perf_counter() - started, note="no validation pass, no checkpoint")
+
+
+# ---------------------------------------------------------------- Ray Train (child process)
+
+
+def ray_history(result) -> tuple[list[dict], str]:
+    """Every epoch's metrics of the stage, and where they came from.
+
+    Under Ray Train v2 `Result.metrics_dataframe` holds only the kept checkpoints' reports
+    (mdfer keeps 2), so with 3 epochs one epoch can be missing; the latest checkpoint's
+    state.json holds the loop's complete history, so that is read first.
+    """
+    frame = result.metrics_dataframe
+    in_frame = sorted(int(e) for e in frame["epoch"]) if frame is not None and not frame.empty else []
+    history: list[dict] = []
+    if result.checkpoint is not None:
+        from mdfer.train_loop import STATE_FILE
+        with result.checkpoint.as_directory() as folder:
+            history = json.loads((Path(folder) / STATE_FILE).read_text()).get("history", [])
+    source = "latest checkpoint's state.json"
+    if not history and in_frame:
+        history = frame.sort_values("epoch").to_dict("records")
+        source = "metrics_dataframe"
+    return history, f"history from {source}; metrics_dataframe had epochs {in_frame}"
+
+
+def run_ray(config, store, manifest: dict, cores: int) -> Measured:
+    """Variants (b) and (c): one stage through mdfer's own `fit_stage` on a private Ray."""
+    import ray
+
+    from mdfer.stages import ensure_ray, fit_stage
+    from mdfer.stream import plan_epoch
+
+    os.environ["RAY_ADDRESS"] = ""  # a private cluster even under `ray job submit`
+    started = time.perf_counter()
+    ensure_ray(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
+    ray_init_s = time.perf_counter() - started
+    try:
+        plan = plan_epoch(manifest, config, config.train.workers)
+        run_id = f"{RUN_PREFIX}-{config.train.workers}w-{time.time_ns()}"  # fresh: never resume
+        started = time.perf_counter()
+        result = fit_stage(config, store, run_id, 0, manifest, None)
+        wall = time.perf_counter() - started
+        history, note = ray_history(result)
+    finally:
+        ray.shutdown()
+    epochs = [{"epoch": int(m["epoch"]), "steps": plan.steps_per_epoch,
+               **{k: float(m[k]) for k in ("images_per_second", "train_seconds", "data_wait_seconds", "loss")}}
+              for m in sorted(history, key=lambda m: m["epoch"])]
+    return Measured("", "", epochs, plan.steps_per_epoch, plan.global_batch_size, wall,
+                    ray_init_s=ray_init_s, note=note)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One configuration in this process; the result goes to --result as JSON."""
+    from mdfer.config import load_config
+    from mdfer.ingest import load_manifest
+    from mdfer.storage import Store
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (ray.shutdown)
+    process_started = time.perf_counter()
+    config = load_config(args.child_config)
+    store = Store(str(args.work / "store"))
+    manifest = load_manifest(store, args.dataset_id)
+    load_start, cpu_start = os.getloadavg()[0], cpu_times()
+    if args.child == "plain":
+        measured = run_plain(config, store, manifest)
+    else:
+        measured = run_ray(config, store, manifest, args.cores)
+    measured.cpu_busy = busy_share(cpu_start, cpu_times())
+    measured.load_start, measured.load_end = load_start, os.getloadavg()[0]
+    measured.wall_process_s = time.perf_counter() - process_started
+    args.result.write_text(json.dumps(asdict(measured)))
+    return 0
+
+
+# ---------------------------------------------------------------- driver
+
+
+EPOCH_LINE = re.compile(r"(bench|plain) epoch \d+/\d+")
+
+
+def run_child(variant: Variant, config_path: Path, args: argparse.Namespace, dataset_id: str) -> Measured:
+    """Run one configuration in a fresh process; echo its per-epoch lines, keep the rest in a log."""
+    result_path = args.work / f"result-{variant.key}.json"
+    log_path = args.work / f"log-{variant.key}.txt"
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "plain" if variant.workers == 0 else "ray",
+               "--child-config", str(config_path), "--result", str(result_path), "--work", str(args.work),
+               "--dataset-id", dataset_id, "--cores", str(args.cores)]
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    timed_out = threading.Event()
+    with open(log_path, "w") as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True) as child:  # its own group: a hung run can be stopped whole
+        watchdog = threading.Timer(args.timeout, lambda: (timed_out.set(), stop_group(child)))
+        watchdog.start()
+        try:
+            for line in child.stdout:
+                log.write(line)
+                if EPOCH_LINE.search(line):
+                    print(f"  {variant.key}: {line.strip()[:150]}", flush=True)
+            child.wait()
+        except BaseException:
+            stop_group(child)
+            raise
+        finally:
+            watchdog.cancel()
+    if timed_out.is_set():
+        raise SystemExit(f"{variant.name}: stopped after {args.timeout:.0f} s without a result; see {log_path}")
+    if child.returncode != 0 or not result_path.exists():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{variant.name}: exit code {child.returncode}; last lines of {log_path}:\n{tail}")
+    measured = Measured(**json.loads(result_path.read_text()))
+    measured.key, measured.name = variant.key, variant.name
+    return measured
+
+
+def stop_group(child: subprocess.Popen) -> None:
+    """SIGTERM lets the child shut its Ray down; what is left of its own group is then killed."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the group id is the child's pid (new session)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 30.0) -> float:
+    """Wall-clock rates are only comparable on an otherwise idle machine: wait for the 1-minute
+    load average to drop below `max_load`; returns the load the measurement starts under."""
+    waited = 0.0
+    load = os.getloadavg()[0]
+    while load >= max_load and waited < max_wait_s:
+        print(f"  1-min load average {load:.2f} >= {max_load}: waiting ({waited:.0f} of {max_wait_s:.0f} s)",
+              flush=True)
+        time.sleep(poll_s)
+        waited += poll_s
+        load = os.getloadavg()[0]
+    if load >= max_load:
+        print(f"  load still {load:.2f} after {waited:.0f} s: measuring anyway, expect noise", flush=True)
+    return load
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    batch = args.batch_size
+    out = [Variant("plain", "(a) plain TF loop, 1 process, 1 thread", 0, 1.0, batch)]
+    if not args.skip_half_batch:
+        out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
+    out.append(Variant("ray1", f"(b) Ray Train, 1 worker x 1 thread (cpus {args.cpus_1worker:g})",
+                       1, args.cpus_1worker, batch))
+    out.append(Variant("ray2", "(c) Ray Train, 2 workers x 1 thread (cpus 0.5 each)", 2, 0.5, batch))
+    return out
+
+
+def add_ratios(report: Report) -> None:
+    r, got, ratios = (lambda k: report.results[k].rate()), report.results, {}
+    if {"ray1", "plain"} <= got.keys():
+        ratios["(b) Ray Train 1 worker / (a) plain loop  [goal >= 0.95]"] = r("ray1") / r("plain")
+    if {"ray2", "ray1"} <= got.keys():
+        ratios["scaling efficiency (c) / (2 x (b))  [goal >= 0.85]"] = r("ray2") / (2 * r("ray1"))
+    if {"plain_half", "plain"} <= got.keys():
+        ratios["(a/2) / (a): per-image speed at the per-worker batch of (c)"] = r("plain_half") / r("plain")
+    if {"ray2", "plain_half"} <= got.keys():
+        ratios["(c) / (2 x (a/2)): 2 workers vs two free cores at that batch"] = r("ray2") / (2 * r("plain_half"))
+    report.ratios = ratios
+
+
+def print_table(report: Report) -> None:
+    s = report.settings
+    print()
+    print(f"mdfer training throughput: {s['data']}, {s['train_rows']:,} train rows, {s['image_size']}x"
+          f"{s['image_size']}, global batch {s['batch_size']}, frozen {s['frozen_fraction']:.0%}, "
+          f"{s['epochs']} epochs, {s['cores']} cores, augment {'off' if s['no_augment'] else 'default'}")
+    print(f"img/s = images / train seconds of epochs 2..{s['epochs']} (epoch 1 traces the step); "
+          f"1-min load average when measuring started: {s['load_start']:.2f}")
+    print()
+    header = (f"{'configuration':<50}{'img/s':>7}{'per epoch':>22}{'step ms':>9}{'compute':>9}"
+              f"{'wait s/ep':>10}{'stage s':>9}{'proc s':>8}{'busy':>6}{'load':>11}")
+    print(header)
+    print("-" * len(header))
+    for m in report.results.values():
+        timed = m.timed()
+        steps = sum(e["steps"] for e in timed)
+        seconds = sum(e["train_seconds"] for e in timed)
+        wait = sum(e["data_wait_seconds"] for e in timed)
+        per_epoch = " ".join(f"{e['images_per_second']:.0f}" for e in m.epochs)
+        busy = f"{m.cpu_busy:.0%}" if m.cpu_busy is not None else "-"
+        print(f"{m.name:<50}{m.rate():>7.1f}{per_epoch:>22}{1e3 * seconds / steps:>9.0f}"
+              f"{1e3 * (seconds - wait) / steps:>9.0f}{wait / len(timed):>10.1f}{m.wall_stage_s:>9.0f}"
+              f"{m.wall_process_s:>8.0f}{busy:>6}{m.load_start:>5.1f}->{m.load_end:<4.1f}")
+    print("step ms = train seconds / steps; compute = the same without the time spent waiting for a batch; "
+          "stage s = data build + model + epochs (plain: no validation) or fit_stage() (Ray: Ray Data build, "
+          "worker start, epochs with validation and checkpoints); proc s = the whole subprocess; busy = share "
+          "of all cores busy during the stage, whole machine")
+    for m in report.results.values():
+        if m.note or m.ray_init_s is not None:
+            init = f"ray.init {m.ray_init_s:.1f} s; " if m.ray_init_s is not None else ""
+            print(f"  {m.key}: {init}{m.note}")
+    print()
+    print("ratios of img/s")
+    for name, value in report.ratios.items():
+        print(f"  {name:<66}{value:>6.2f}")
+    print()
+    print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.phases_s.items()))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="FER2013 Kaggle-layout tarball (e.g. "
+                        "/work/shared/data/fer2013-dev.tar.gz); default: generated FER-like + FANE-like faces")
+    parser.add_argument("--per-class", type=int, default=150,
+                        help="train images per class: generated, or taken from the tarball")
+    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch, every configuration")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--frozen-fraction", type=float, default=0.0, help="share of the backbone frozen")
+    parser.add_argument("--no-augment", action="store_true", help="stream without augmentation")
+    parser.add_argument("--cpus-1worker", type=float, default=1.0,
+                        help="train.cpus_per_worker of (b); must leave a CPU to Ray Data")
+    parser.add_argument("--skip-half-batch", action="store_true", help="skip the (a/2) diagnostic")
+    parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus")
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load average first")
+    parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for --max-load at most")
+    parser.add_argument("--timeout", type=float, default=480, help="seconds per configuration at most")
+    parser.add_argument("--work", type=Path, help="keep data and shards here and reuse them "
+                                                   "(default: a temp dir, removed at the end)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    # one configuration in a subprocess (internal)
+    parser.add_argument("--child", choices=("plain", "ray"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dataset-id", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args)
+    if args.batch_size % 2:
+        raise SystemExit("--batch-size must be even: (c) splits it over 2 workers")
+    keep = args.work is not None
+    args.work = (args.work or Path(tempfile.mkdtemp(prefix="mdfer-train-bench-"))).resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    phase = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal phase
+        phases[name] = time.perf_counter() - phase
+        phase = time.perf_counter()
+
+    try:
+        from mdfer.config import load_config
+        from mdfer.ingest import prepare
+        from mdfer.storage import Store
+
+        if args.data:
+            print(f"taking {args.per_class}/class from {args.data} into {args.work} ...", flush=True)
+            roots = extract_subset(args.data, args.work / "data", args.per_class)
+        else:
+            print(f"generating {args.per_class}/class FER-like + FANE-like faces in {args.work} ...", flush=True)
+            roots = generated_roots(args.work / "data", args.per_class)
+        todo = variants(args)
+        paths = {v.key: write_config(args.work / f"config-{v.key}.yaml", roots, v, args) for v in todo}
+        store = Store(str(args.work / "store"))
+        manifest = prepare(load_config(paths["plain"]), store)
+        store.delete_prefix("runs")  # a reused --work: no earlier checkpoints to resume from
+        lap("data + prepare")
+
+        print("checking the machine is quiet ...", flush=True)
+        load = wait_for_quiet(args.max_load, args.max_wait)
+        lap("waiting for load")
+        report = Report(settings={
+            "data": str(args.data) if args.data else f"generated FER-like + FANE-like, {args.per_class}/class",
+            "per_class": args.per_class, "image_size": args.image_size, "batch_size": args.batch_size,
+            "epochs": args.epochs, "frozen_fraction": args.frozen_fraction, "no_augment": args.no_augment,
+            "cores": args.cores, "cpus_1worker": args.cpus_1worker, "load_start": load,
+            "train_rows": sum(sum(c["train"].values()) for c in manifest["counts"].values()),
+            "dataset_id": manifest["dataset_id"]})
+        for variant in todo:
+            print(f"{variant.name} ...", flush=True)
+            report.results[variant.key] = run_child(variant, paths[variant.key], args, manifest["dataset_id"])
+            lap(variant.key)
+        report.phases_s = phases
+        add_ratios(report)
+        print_table(report)
+        if args.out:
+            args.out.write_text(json.dumps({
+                "settings": report.settings,
+                "results": {k: {**asdict(m), "img_s_after_epoch_1": m.rate()} for k, m in report.results.items()},
+                "ratios": report.ratios, "phases_s": report.phases_s}, indent=2) + "\n")
+            print(f"wrote {args.out}")
+        return 0
+    finally:
+        if keep:
+            shutil.rmtree(args.work / "store" / "runs", ignore_errors=True)
+        else:
+            shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
