@@ -158,6 +158,7 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
                                     "brightness": 0.0, "contrast": 0.0}
     raw["train"]["workers"] = max(1, variant.workers)
     raw["train"]["cpus_per_worker"] = variant.cpus_per_worker
+    raw["train"]["max_failures"] = 0  # a restarted worker group would hide in the numbers: fail instead
     last = raw["train"]["stages"][-1]  # stage 3: the whole network trains by default
     raw["train"]["stages"] = [{
         "name": "bench", "lr": last["lr"], "frozen_fraction": args.frozen_fraction,
@@ -327,6 +328,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 EPOCH_LINE = re.compile(r"(bench|plain) epoch \d+/\d+")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def run_child(variant: Variant, config_path: Path, args: argparse.Namespace, dataset_id: str) -> Measured:
@@ -345,10 +347,13 @@ def run_child(variant: Variant, config_path: Path, args: argparse.Namespace, dat
         watchdog = threading.Timer(args.timeout, lambda: (timed_out.set(), stop_group(child)))
         watchdog.start()
         try:
+            echoed = ""
             for line in child.stdout:
                 log.write(line)
-                if EPOCH_LINE.search(line):
-                    print(f"  {variant.key}: {line.strip()[:150]}", flush=True)
+                line = ANSI.sub("", line).strip()
+                if EPOCH_LINE.search(line) and line != echoed:  # Ray can forward a line twice
+                    print(f"  {variant.key}: {line[:150]}", flush=True)
+                    echoed = line
             child.wait()
         except BaseException:
             stop_group(child)
@@ -428,7 +433,7 @@ def print_table(report: Report) -> None:
     print(f"img/s = images / train seconds of epochs 2..{s['epochs']} (epoch 1 traces the step); "
           f"1-min load average when measuring started: {s['load_start']:.2f}")
     print()
-    header = (f"{'configuration':<50}{'img/s':>7}{'per epoch':>22}{'step ms':>9}{'compute':>9}"
+    header = (f"{'configuration':<54}{'img/s':>7}{'per epoch':>22}{'step ms':>9}{'compute':>9}"
               f"{'wait s/ep':>10}{'stage s':>9}{'proc s':>8}{'busy':>6}{'load':>11}")
     print(header)
     print("-" * len(header))
@@ -439,7 +444,7 @@ def print_table(report: Report) -> None:
         wait = sum(e["data_wait_seconds"] for e in timed)
         per_epoch = " ".join(f"{e['images_per_second']:.0f}" for e in m.epochs)
         busy = f"{m.cpu_busy:.0%}" if m.cpu_busy is not None else "-"
-        print(f"{m.name:<50}{m.rate():>7.1f}{per_epoch:>22}{1e3 * seconds / steps:>9.0f}"
+        print(f"{m.name:<54}{m.rate():>7.1f}{per_epoch:>22}{1e3 * seconds / steps:>9.0f}"
               f"{1e3 * (seconds - wait) / steps:>9.0f}{wait / len(timed):>10.1f}{m.wall_stage_s:>9.0f}"
               f"{m.wall_process_s:>8.0f}{busy:>6}{m.load_start:>5.1f}->{m.load_end:<4.1f}")
     print("step ms = train seconds / steps; compute = the same without the time spent waiting for a batch; "

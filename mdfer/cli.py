@@ -34,9 +34,9 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, embedded: str = "default.yaml"):
     from mdfer.config import load_config, parse_data_roots
-    return load_config(args.config, parse_data_roots(args.data_root))
+    return load_config(args.config, parse_data_roots(args.data_root), embedded)
 
 
 # ---------------------------------------------------------------- commands
@@ -115,7 +115,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from mdfer.stages import train_run
     from mdfer.storage import Store
     started = time.perf_counter()
-    config = _load(args)
+    config = _load(args, embedded="demo.yaml")
     if all(not d.root for d in config.data.domains) and config.domain_names() == ["fer2013", "fane"]:
         _synthetic_roots(config, args.data_dir, args.synth_per_class)
     store = Store(args.store)
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     p.add_argument("--run-id", help="default: derived from the config and dataset, so a rerun resumes")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="where generated data goes when no roots are set")
-    p.add_argument("--synth-per-class", type=int, default=60, help="generated training images per class")
+    p.add_argument("--synth-per-class", type=int, default=150, help="generated training images per class")
     _address_arg(p)
     return parser
 

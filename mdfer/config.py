@@ -19,6 +19,7 @@ import yaml
 from mdfer.errors import ConfigError
 
 DEFAULT_CONFIG = "default.yaml"
+DEMO_CONFIG = "demo.yaml"  # `mdfer pipeline` with no --config
 GIVEN_SPLIT_NAMES = ("train", "val", "test")
 WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its own
 DOMAIN_HEAD = "domain"
@@ -115,11 +116,12 @@ class Config:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, data_roots: dict[str, str] | None = None) -> Config:
-    """Load and validate a config file (None: the embedded default); `data_roots` overrides roots."""
+def load_config(path: str | Path | None = None, data_roots: dict[str, str] | None = None,
+                embedded: str = DEFAULT_CONFIG) -> Config:
+    """Load and validate a config file (None: the `embedded` one); `data_roots` overrides roots."""
     if path is None:
-        text = resources.files("mdfer.configs").joinpath(DEFAULT_CONFIG).read_text()
-        source = f"<embedded {DEFAULT_CONFIG}>"
+        text = resources.files("mdfer.configs").joinpath(embedded).read_text()
+        source = f"<embedded {embedded}>"
         base_dir = None
     else:
         path = Path(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
 from mdfer.storage import Store
 from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
-from mdfer.train_loop import VAL_DATASET, WEIGHTS_FILE, train_stage
+from mdfer.train_loop import STATE_FILE, VAL_DATASET, WEIGHTS_FILE, train_stage
 
 log = logging.getLogger(__name__)
 BEST_WEIGHTS = "best.weights.h5"
@@ -129,10 +130,23 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
                                                checkpoint_score_order="max")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the workers' errors; the last error line is the cause
+        raise MdferError(f"{stage.name}: training failed after {config.train.max_failures} "
+                         f"restart(s): {_root_cause(exc)}") from exc
     if result.error:
-        raise MdferError(f"{stage.name}: training failed: {result.error}")
+        raise MdferError(f"{stage.name}: training failed: {_root_cause(result.error)}")
     return result
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last `SomeError: message` line of a (remote) traceback, without Ray's log prefixes."""
+    lines = [re.sub(r"^(\x1b\[[0-9;]*m)?\([^)]*\)(\x1b\[[0-9;]*m)?\s*", "", line).strip()
+             for line in str(exc).splitlines()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*", line)
+              and not line.startswith(("ray.train.", "ray.exceptions."))]
+    return causes[-1] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _check_cpus_left_for_data(config: Config) -> None:
@@ -160,27 +174,21 @@ def _best_checkpoint(result) -> tuple[object, dict]:
 
 
 def _seal_stage(store: Store, run_id: str, stage_name: str, result) -> dict:
-    """Copy the best weights next to the stage and write done.json last."""
+    """Copy the best weights next to the stage and write done.json last.
+
+    The history comes from the latest checkpoint's state, which the loop carries across
+    restarts; Ray's own metrics table drops the epochs whose checkpoints it deleted."""
     checkpoint, metrics = _best_checkpoint(result)
     with checkpoint.as_directory() as folder:
         weights = (Path(folder) / WEIGHTS_FILE).read_bytes()
-        state = json.loads((Path(folder) / "state.json").read_text())
+        best_state = json.loads((Path(folder) / STATE_FILE).read_text())
+    with result.checkpoint.as_directory() as folder:
+        history = json.loads((Path(folder) / STATE_FILE).read_text())["history"]
     store.write_bytes(run_key(run_id, stage_name, BEST_WEIGHTS), weights)
-    done = {"stage": stage_name, "best": metrics, "evaluation": state.get("evaluation"),
-            "history": [m for m in _history(result)], "checkpoint": checkpoint.path}
+    done = {"stage": stage_name, "best": metrics, "evaluation": best_state.get("evaluation"),
+            "history": history, "checkpoint": checkpoint.path}
     store.write_json(run_key(run_id, stage_name, STAGE_DONE), done)
     return done
-
-
-def _history(result) -> list[dict]:
-    """Per-epoch metrics of the stage, across restarts (Ray's dataframe holds every report)."""
-    frame = result.metrics_dataframe
-    if frame is None or frame.empty:
-        return [result.metrics]
-    keep = [c for c in frame.columns if not c.startswith("_") and c not in ("checkpoint_dir_name",)]
-    rows = frame[keep].drop_duplicates(subset=["epoch"], keep="last").sort_values("epoch")
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            for row in rows.to_dict("records")]
 
 
 def train_run(config: Config, store: Store, run_id: str, dataset_id: str,

@@ -53,8 +53,11 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
     for index, batch in enumerate(batches):
         if index % world != rank:
             continue
-        probs, _ = predict_step({"image": batch["image"].astype(np.float32)})
-        counts = batch_confusions({k: v.numpy() for k, v in probs.items()},
+        rows = len(batch["image"])
+        images = np.zeros((EVAL_BATCH, *batch["image"].shape[1:]), np.float32)
+        images[:rows] = batch["image"]  # one fixed shape: each new one retraces the model (seconds)
+        probs, _ = predict_step({"image": images})
+        counts = batch_confusions({k: v.numpy()[:rows] for k, v in probs.items()},
                                   batch["domain"], batch["label"], classes)
         for name in totals:
             totals[name] += counts[name]
@@ -63,20 +66,19 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
 
 class TensorBoard:
     """Scalars per epoch, written locally by rank 0 and copied to the store after each epoch
-    (TensorFlow cannot write to s3:// itself without tensorflow-io)."""
+    (event files cannot go straight to s3://). tensorboardX: TensorFlow 2.21 no longer ships
+    the `tensorboard` package its own tf.summary needs."""
 
     def __init__(self, uri: str | None):
-        import tensorflow as tf
+        from tensorboardX import SummaryWriter
         self.uri = uri
         self.folder = tempfile.mkdtemp(prefix="mdfer-tb-")
-        self.writer = tf.summary.create_file_writer(self.folder)
+        self.writer = SummaryWriter(self.folder)
 
     def write(self, epoch: int, metrics: dict) -> None:
-        import tensorflow as tf
-        with self.writer.as_default():
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "epoch":
-                    tf.summary.scalar(name, value, step=epoch)
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "epoch":
+                self.writer.add_scalar(name, value, global_step=epoch)
         self.writer.flush()
         if self.uri:
             store = Store(self.uri)

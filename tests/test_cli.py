@@ -1,0 +1,51 @@
+"""The `mdfer` command: subcommands, one-line errors with a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MDFER = [sys.executable, "-m", "mdfer.cli"]
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*MDFER, *args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_help_lists_every_step():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("synth", "prepare", "train", "evaluate", "pipeline"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "--config", "/nope/missing.yaml"], "/nope/missing.yaml: config file not found"),
+    (["prepare", "--data-root", "fer2013=/nope/fer", "--data-root", "fane=/nope/fane"],
+     "data.domains[0].root (fer2013): /nope/fer is not a folder"),
+    (["prepare"], "data.domains[0].root (fer2013): missing"),
+    (["prepare", "--data-root", "fer2013"], "--data-root 'fer2013': expected NAME=PATH"),
+    (["evaluate", "--run-id", "nothing-here", "--store", "{tmp}"], "no such run"),
+    (["train", "--dataset-id", "ds-0000", "--run-id", "x", "--store", "{tmp}"], "no complete dataset 'ds-0000'"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    result = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"mdfer {args[0]}: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback():
+    result = run("--debug", "prepare", "--config", "/nope/missing.yaml")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_synth_writes_both_layouts(tmp_path):
+    result = run("synth", "--out", str(tmp_path), "--per-class", "4")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "fer2013" / "train" / "happy").glob("*.jpg"))) == 4
+    assert len(list((tmp_path / "fane" / "fane_data").glob("*/*.jpg"))) == 9 * 4
