@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG
 from mdfer.errors import MdferError
 from mdfer.logs import redact, setup_logging
 
@@ -34,7 +35,7 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
 
 
-def _load(args: argparse.Namespace, embedded: str = "default.yaml"):
+def _load(args: argparse.Namespace, embedded: str = DEFAULT_CONFIG):
     from mdfer.config import load_config, parse_data_roots
     return load_config(args.config, parse_data_roots(args.data_root), embedded)
 
@@ -44,10 +45,8 @@ def _load(args: argparse.Namespace, embedded: str = "default.yaml"):
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from mdfer import synth
-    fer = synth.write_fer_like(f"{args.out}/fer2013", args.per_class, max(2, args.per_class // 4), seed=args.seed)
-    fane = synth.write_fane_like(f"{args.out}/fane", args.per_class, seed=args.seed)
-    print(json.dumps({"fer2013": f"{args.out}/fer2013", "fane": f"{args.out}/fane",
-                      "counts": {"fer2013": fer, "fane": fane}}, indent=2))
+    counts = synth.write_demo(args.out, args.per_class, seed=args.seed)
+    print(json.dumps({"fer2013": f"{args.out}/fer2013", "fane": f"{args.out}/fane", "counts": counts}, indent=2))
     return 0
 
 
@@ -76,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mdfer.evaluate import evaluate_run
     from mdfer.storage import Store
-    result = evaluate_run(_load(args), Store(args.store), args.run_id, args.split, args.weights)
+    result = evaluate_run(Store(args.store), args.run_id, args.split, args.weights)
     _print_headline(result)
     print(f"report: {args.store}/runs/{args.run_id}/report/{args.split}/")
     return 0
@@ -90,18 +89,19 @@ def _print_headline(result: dict) -> None:
 
 
 def _synthetic_roots(config, data_dir: str, per_class: int) -> None:
-    """The embedded default: generated FER-like and FANE-like data, written once."""
+    """The embedded default: generated FER-like and FANE-like data, written once per size
+    (a folder per size, so a different size never mixes with an earlier one)."""
     from pathlib import Path
 
     from mdfer import synth
-    done = Path(data_dir) / f".complete-{per_class}"
+    folder = Path(data_dir) / f"synth-{per_class}"
+    done = folder / ".complete"
     if not done.exists():
-        log.info("generating synthetic data in %s (%d images per class)", data_dir, per_class)
-        synth.write_fer_like(f"{data_dir}/fer2013", per_class, max(2, per_class // 4), seed=0)
-        synth.write_fane_like(f"{data_dir}/fane", per_class + per_class // 4, seed=0)
+        log.info("generating synthetic data in %s (%d images per class)", folder, per_class)
+        synth.write_demo(folder, per_class)
         done.touch()
-    config.domain("fer2013").root = f"{data_dir}/fer2013"
-    config.domain("fane").root = f"{data_dir}/fane"
+    config.domain("fer2013").root = str(folder / "fer2013")
+    config.domain("fane").root = str(folder / "fane")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -115,17 +115,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from mdfer.stages import train_run
     from mdfer.storage import Store
     started = time.perf_counter()
-    config = _load(args, embedded="demo.yaml")
-    if all(not d.root for d in config.data.domains) and config.domain_names() == ["fer2013", "fane"]:
+    config = _load(args, embedded=DEMO_CONFIG)
+    if args.config is None and not args.data_root:
         _synthetic_roots(config, args.data_dir, args.synth_per_class)
     store = Store(args.store)
     manifest = prepare(config, store)
     for line in summary_lines(manifest):
         print(line)
-    identity = yaml.safe_dump(config.to_dict(), sort_keys=True) + manifest["dataset_id"]
+    identity = yaml.safe_dump(config.identity(), sort_keys=True) + manifest["dataset_id"]
     run_id = args.run_id or f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
     train_run(config, store, run_id, manifest["dataset_id"], args.address)
-    result = evaluate_run(config, store, run_id, "test")
+    result = evaluate_run(store, run_id, "test")
     print(f"\nrun {run_id} on dataset {manifest['dataset_id']}, test split:")
     _print_headline(result)
     print("\nartifacts:")
@@ -169,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     _address_arg(p)
 
     p = parsers["evaluate"]
-    _config_args(p)
     _store_arg(p)
     p.add_argument("--run-id", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -23,6 +23,8 @@ DEMO_CONFIG = "demo.yaml"  # `mdfer pipeline` with no --config
 GIVEN_SPLIT_NAMES = ("train", "val", "test")
 WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its own
 DOMAIN_HEAD = "domain"
+# names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
+RESERVED_NAMES = ("image", "preprocess", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
 
 @dataclass
@@ -112,6 +114,14 @@ class Config:
         out.pop("source")
         return out
 
+    def identity(self) -> dict[str, Any]:
+        """What defines a dataset or run: everything but where the data happens to live, so
+        the same data read from a local copy or from s3:// is the same dataset and run."""
+        out = self.to_dict()
+        for domain in out["data"]["domains"]:
+            domain.pop("root")
+        return out
+
 
 # ---------------------------------------------------------------- loading
 
@@ -138,9 +148,13 @@ def load_config(path: str | Path | None = None, data_roots: dict[str, str] | Non
             raise ConfigError(f"--data-root {name}=...: no dataset named {name!r} in {source} "
                               f"(datasets: {', '.join(config.domain_names())})")
         config.domain(name).root = root
-    for domain in config.data.domains:
-        if domain.root and base_dir is not None and "://" not in domain.root:
-            domain.root = str((base_dir / domain.root).resolve())
+    if base_dir is not None:  # relative paths start at the config file, wherever it is run from
+        for domain in config.data.domains:
+            if domain.root and "://" not in domain.root:
+                domain.root = str((base_dir / domain.root).resolve())
+        weights = config.model.weights
+        if weights.lower() not in ("none", "imagenet") and "://" not in weights:
+            config.model.weights = str((base_dir / weights).resolve())
     return config
 
 
@@ -212,10 +226,10 @@ def _kind(value: Any) -> str:
 def validate(config: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
     src = config.source
-    checks: list[tuple[bool, str, str]] = []
 
     def need(ok: bool, key: str, message: str) -> None:
-        checks.append((ok, key, message))
+        if not ok:
+            raise ConfigError(f"{src}: {key}: {message}")
 
     data = config.data
     need(len(data.domains) >= 1, "data.domains", "at least one dataset is needed")
@@ -223,8 +237,9 @@ def validate(config: Config) -> None:
     need(len(set(names)) == len(names), "data.domains", f"dataset names repeat: {names}")
     for i, d in enumerate(data.domains):
         key = f"data.domains[{i}]"
-        need(d.name.isidentifier() and d.name != DOMAIN_HEAD, f"{key}.name",
-             f"{d.name!r} must be an identifier and not {DOMAIN_HEAD!r} (it names a model head)")
+        need(d.name.isidentifier() and d.name not in RESERVED_NAMES, f"{key}.name",
+             f"{d.name!r} must be an identifier and none of {', '.join(RESERVED_NAMES)} "
+             f"(it names a model head)")
         need(len(d.classes) >= 2, f"{key}.classes", "at least two classes are needed")
         need(len(set(d.classes)) == len(d.classes), f"{key}.classes", "class names repeat")
         lowered = [f.lower() for f in d.folders]
@@ -255,6 +270,9 @@ def validate(config: Config) -> None:
     for name, share in stream.domain_mix.items():
         need(name in names, f"stream.domain_mix.{name}", f"no dataset named {name!r}")
         need(0 < share <= 1, f"stream.domain_mix.{name}", f"{share} is outside (0, 1]")
+    if stream.domain_mix:
+        missing = [n for n in names if n not in stream.domain_mix]
+        need(not missing, "stream.domain_mix", f"give every dataset a share or none; missing: {missing}")
     aug = stream.augment
     need(0 <= aug.max_shift < 0.5, "stream.augment.max_shift", f"{aug.max_shift} is outside [0, 0.5)")
     need(0 <= aug.max_rotation_deg <= 45, "stream.augment.max_rotation_deg", "must be within [0, 45]")
@@ -269,6 +287,9 @@ def validate(config: Config) -> None:
     need(train.max_failures >= 0, "train.max_failures", "must be >= 0")
     need(stream.batch_size % train.workers == 0, "stream.batch_size",
          f"{stream.batch_size} does not divide evenly over {train.workers} workers")
+    need(stream.batch_size // max(train.workers, 1) >= len(names), "stream.batch_size",
+         f"a worker's batch of {stream.batch_size // max(train.workers, 1)} cannot hold one sample "
+         f"of each of the {len(names)} datasets")
     need(len(train.stages) >= 1, "train.stages", "at least one stage is needed")
     heads = {*names, DOMAIN_HEAD}
     for i, stage in enumerate(train.stages):
@@ -283,9 +304,6 @@ def validate(config: Config) -> None:
         for head, weight in stage.loss_weights.items():
             need(weight >= 0, f"{key}.loss_weights.{head}", f"{weight} must be >= 0")
 
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"{src}: {key}: {message}")
 
 
 def require_roots(config: Config) -> None:

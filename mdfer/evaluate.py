@@ -8,7 +8,6 @@ training curves to `runs/<run-id>/report/<split>/`.
 from __future__ import annotations
 
 import io
-import logging
 import tempfile
 from collections.abc import Iterator
 
@@ -18,12 +17,10 @@ import pyarrow.parquet as pq
 from mdfer.config import Config
 from mdfer.errors import MdferError
 from mdfer.ingest import dataset_key, load_manifest
-from mdfer.metrics import batch_confusions, summarize
+from mdfer.metrics import sum_confusions, summarize
 from mdfer.storage import Store, local_copy
-from mdfer.stream import DecodeBatch
+from mdfer.stream import EVAL_BATCH, DecodeBatch
 
-log = logging.getLogger(__name__)
-EVAL_BATCH = 128
 
 
 def iter_split(store: Store, manifest: dict, split: str, image_size: int,
@@ -44,14 +41,11 @@ def iter_split(store: Store, manifest: dict, split: str, image_size: int,
 
 def evaluate_model(model, store: Store, manifest: dict, split: str, classes: dict[str, list[str]],
                    image_size: int) -> dict:
-    totals: dict[str, np.ndarray] = {}
-    for batch in iter_split(store, manifest, split, image_size):
-        probs = model(batch["image"].astype(np.float32), training=False)
-        counts = batch_confusions({k: np.asarray(v) for k, v in probs.items()},
-                                  batch["domain"], batch["label"], classes)
-        for name, matrix in counts.items():
-            totals[name] = totals.get(name, 0) + matrix
-    if not totals:
+    def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in model(images.astype(np.float32), training=False).items()}
+
+    totals = sum_confusions(iter_split(store, manifest, split, image_size), predict, classes)
+    if not any(matrix.sum() for matrix in totals.values()):
         raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
     return summarize(totals, classes)
 
@@ -65,20 +59,21 @@ def load_for_eval(config: Config, weights_uri: str):
     return model
 
 
-def evaluate_run(config: Config, store: Store, run_id: str, split: str = "test",
-                 weights: str | None = None) -> dict:
-    """Score a run's final weights (or `weights`) on a split and write the report beside the run."""
+def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | None = None) -> dict:
+    """Score a finished run's final weights (or `weights`) on a split, with the run's own config
+    (image size and class order must match the weights), and write the report beside the run."""
     from mdfer.report import write_report
-    from mdfer.stages import HAILO_WEIGHTS, run_key
-    run = store.read_json(run_key(run_id, "run.json")) if store.exists(run_key(run_id, "run.json")) else None
-    if run is None:
-        raise MdferError(f"{store.key_uri(run_key(run_id))}: no such run (train it first)")
-    manifest = load_manifest(store, run["dataset_id"])
+    from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches, run_config, run_key
+    if not store.exists(run_key(run_id, "metrics.json")):
+        raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first)")
+    config = run_config(store, run_id)
+    history = store.read_json(run_key(run_id, "metrics.json"))
+    manifest = load_manifest(store, history["dataset_id"])
+    check_dataset_matches(config, manifest)
     weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
     model = load_for_eval(config, weights)
     classes = {d.name: d.classes for d in config.data.domains}
     result = evaluate_model(model, store, manifest, split, classes, config.model.image_size)
-    result.update(run_id=run_id, dataset_id=run["dataset_id"], split=split, weights=weights)
-    history = store.read_json(run_key(run_id, "metrics.json")) if store.exists(run_key(run_id, "metrics.json")) else None
+    result.update(run_id=run_id, dataset_id=history["dataset_id"], split=split, weights=weights)
     write_report(store, run_key(run_id, "report", split), result, history)
     return result

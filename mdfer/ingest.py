@@ -27,6 +27,7 @@ from tqdm import tqdm
 import mdfer
 from mdfer.config import WHOLE_DATASET, Config, DomainConfig, require_roots
 from mdfer.errors import DataError
+from mdfer.logs import redact
 from mdfer.storage import Store, resolve, storage_error
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, split: str, r
         with fs.open_input_stream(posixpath.join(root, rel_path)) as f:
             data = f.read()
     except Exception as exc:
-        scanned.reason = f"unreadable: {exc}".splitlines()[0]
+        scanned.reason = "unreadable: " + (redact(str(exc)).splitlines() or [type(exc).__name__])[0]
         return scanned
     scanned.content_hash = hashlib.sha256(data).hexdigest()
     if class_folder.lower() not in folder_map:
@@ -270,12 +271,9 @@ def _write_shard(store: Store, key: str, files: list[ScannedFile], config: Confi
 
 def dataset_id(config: Config, scanned: list[ScannedFile]) -> str:
     """Content-derived: same files, labels and data settings give the same id, wherever they live."""
-    settings = config.to_dict()["data"]
-    for d in settings["domains"]:
-        d.pop("root")
     identity = {
         "schema_version": SCHEMA_VERSION,
-        "data": settings,
+        "data": config.identity()["data"],
         "files": sorted((f.domain, f.path, f.content_hash) for f in scanned),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -6,8 +6,12 @@ shards of the evaluation set and get exactly the numbers one process would.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 from sklearn.metrics import confusion_matrix
+
+from mdfer.config import DOMAIN_HEAD
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -44,11 +48,11 @@ def summarize(matrices: dict[str, np.ndarray], classes: dict[str, list[str]]) ->
     `macro_f1` (the mean over datasets) is the number model selection follows."""
     names = list(classes)
     heads = {name: head_metrics(matrices[name], classes[name]) for name in names}
-    heads["domain"] = head_metrics(matrices["domain"], names)
+    heads[DOMAIN_HEAD] = head_metrics(matrices[DOMAIN_HEAD], names)
     scored = [heads[n]["macro_f1"] for n in names if heads[n]["n"] > 0]
     return {
         "macro_f1": float(np.mean(scored)) if scored else 0.0,
-        "domain_accuracy": heads["domain"]["accuracy"],
+        "domain_accuracy": heads[DOMAIN_HEAD]["accuracy"],
         "heads": heads,
     }
 
@@ -60,5 +64,19 @@ def batch_confusions(probs: dict[str, np.ndarray], domain: np.ndarray, label: np
     for index, name in enumerate(classes):
         mine = domain == index
         out[name] = confusion(label[mine], np.asarray(probs[name])[mine].argmax(-1), len(classes[name]))
-    out["domain"] = confusion(domain, np.asarray(probs["domain"]).argmax(-1), len(classes))
+    out[DOMAIN_HEAD] = confusion(domain, np.asarray(probs[DOMAIN_HEAD]).argmax(-1), len(classes))
     return out
+
+
+def sum_confusions(batches: Iterable[dict[str, np.ndarray]],
+                   predict: Callable[[np.ndarray], dict[str, np.ndarray]],
+                   classes: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Confusion matrices of every head summed over `batches` ({"image", "domain", "label"});
+    `predict` maps images to per-head probabilities."""
+    totals = {name: np.zeros((len(c), len(c)), np.int64) for name, c in classes.items()}
+    totals[DOMAIN_HEAD] = np.zeros((len(classes), len(classes)), np.int64)
+    for batch in batches:
+        counts = batch_confusions(predict(batch["image"]), batch["domain"], batch["label"], classes)
+        for name in totals:
+            totals[name] += counts[name]
+    return totals

@@ -21,6 +21,7 @@ import warnings
 import keras
 from keras import layers
 
+from mdfer.config import DOMAIN_HEAD, RESERVED_NAMES
 from mdfer.errors import ConfigError
 
 INPUT = "image"
@@ -28,8 +29,8 @@ PREPROCESS = "preprocess"
 BACKBONE = "backbone"
 POOL = "pool"
 HEAD_DROPOUT = "head_dropout"
-DOMAIN_HEAD = "domain"
 _RESERVED = {INPUT, PREPROCESS, BACKBONE, POOL, HEAD_DROPOUT, DOMAIN_HEAD}
+assert _RESERVED == set(RESERVED_NAMES), "keep config.RESERVED_NAMES in step with the layer names"
 
 # What EfficientNetV2's include_preprocessing=True does: Rescaling(1/255), then
 # Normalization with these ImageNet statistics (Keras stores variance = std**2).

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mdfer.config import Config
+from mdfer.config import Config, config_from_dict
 from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
-from mdfer.storage import Store
+from mdfer.storage import Store, file_exists
 from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
 from mdfer.train_loop import STATE_FILE, VAL_DATASET, WEIGHTS_FILE, train_stage
 
@@ -82,24 +82,29 @@ def class_weights(config: Config, manifest: dict) -> dict[str, list[float]]:
     return weights
 
 
+def run_config(store: Store, run_id: str) -> Config:
+    """The config a run was started with (what its weights were trained for)."""
+    key = run_key(run_id, "config.yaml")
+    return config_from_dict(yaml.safe_load(store.read_bytes(key)), store.key_uri(key))
+
+
 def _start_run(config: Config, store: Store, run_id: str, dataset_id: str) -> None:
-    """Record what the run is; refuse to continue a run id under a different config or dataset."""
-    wanted = yaml.safe_dump(config.to_dict(), sort_keys=True)
+    """Record what the run is; refuse to continue a run id under a different config or dataset.
+    Data roots may differ (a local copy vs s3://): they do not change what is trained."""
     key = run_key(run_id, "config.yaml")
     if store.exists(key):
-        recorded = store.read_bytes(key).decode()
         run = store.read_json(run_key(run_id, "run.json"))
-        if recorded != wanted or run["dataset_id"] != dataset_id:
+        if run_config(store, run_id).identity() != config.identity() or run["dataset_id"] != dataset_id:
             raise MdferError(f"{store.key_uri(run_key(run_id))}: this run id was started with a "
                              f"different config or dataset ({run['dataset_id']}); use a new --run-id")
         return
     store.write_json(run_key(run_id, "run.json"), {"run_id": run_id, "dataset_id": dataset_id,
                                                     "config_source": config.source})
-    store.write_bytes(key, wanted.encode())
+    store.write_bytes(key, yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
 
 
 def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
-              init_weights: str | None) -> dict:
+              init_weights: str | None) -> "ray.train.Result":
     """One stage as a Ray Train run; returns Ray's Result."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -133,8 +138,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the workers' errors; the last error line is the cause
-        raise MdferError(f"{stage.name}: training failed after {config.train.max_failures} "
-                         f"restart(s): {_root_cause(exc)}") from exc
+        raise MdferError(f"{stage.name}: training failed: {_root_cause(exc)}") from exc
     if result.error:
         raise MdferError(f"{stage.name}: training failed: {_root_cause(result.error)}")
     return result
@@ -156,7 +160,7 @@ def _check_cpus_left_for_data(config: Config) -> None:
     held = config.train.workers * config.train.cpus_per_worker
     if total - held < 0.5:
         raise MdferError(f"{config.source}: train.workers x train.cpus_per_worker = {held:g} CPUs of the "
-                         f"cluster's {total:g}; leave at least one CPU for the data stream "
+                         f"cluster's {total:g}; leave at least half a CPU (better one) for the data stream "
                          f"(e.g. train.cpus_per_worker: {max(0.25, (total - 1) / config.train.workers):g})")
 
 
@@ -193,31 +197,36 @@ def _seal_stage(store: Store, run_id: str, stage_name: str, result) -> dict:
 
 def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
               ray_address: str | None = None) -> dict:
-    """All stages of a run, skipping finished ones; returns the run's metrics.json content."""
+    """All stages of a run, skipping finished ones; returns the run's metrics.json content.
+    A finished run (metrics.json present) is left exactly as it is."""
     manifest = load_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     _start_run(config, store, run_id, dataset_id)
-    init = _initial_weights(config)
     stages = {}
+    init_weights_uri = None
     for index, stage in enumerate(config.train.stages):
         done_key = run_key(run_id, stage.name, STAGE_DONE)
         if store.exists(done_key):
             log.info("%s: already complete in %s, skipped", stage.name, store.key_uri(run_key(run_id)))
             stages[stage.name] = store.read_json(done_key)
         else:
+            if index == 0:
+                init_weights_uri = _initial_weights(config)
             ensure_ray(ray_address)
             log.info("%s: training (%d epochs max, %d workers)", stage.name, stage.epochs, config.train.workers)
             stages[stage.name] = _seal_stage(store, run_id, stage.name,
-                                             fit_stage(config, store, run_id, index, manifest, init))
+                                             fit_stage(config, store, run_id, index, manifest, init_weights_uri))
             best = stages[stage.name]["best"]
             log.info("%s: done, best val_macro_f1 %.4f at epoch %d", stage.name, best["val_macro_f1"], best["epoch"])
-        init = store.key_uri(run_key(run_id, stage.name, BEST_WEIGHTS))
+        init_weights_uri = store.key_uri(run_key(run_id, stage.name, BEST_WEIGHTS))
+    if store.exists(run_key(run_id, "metrics.json")):
+        return store.read_json(run_key(run_id, "metrics.json"))
     last = config.train.stages[-1].name
     store.write_bytes(run_key(run_id, HAILO_WEIGHTS), store.read_bytes(run_key(run_id, last, BEST_WEIGHTS)))
     summary = {"run_id": run_id, "dataset_id": dataset_id, "final_stage": last,
                "val_macro_f1": stages[last]["best"]["val_macro_f1"],
                "stages": {name: {"best": s["best"], "history": s["history"]} for name, s in stages.items()}}
-    store.write_json(run_key(run_id, "metrics.json"), summary)
+    store.write_json(run_key(run_id, "metrics.json"), summary)  # last: seals the run
     return summary
 
 
@@ -226,7 +235,6 @@ def _initial_weights(config: Config) -> str | None:
     weights = config.model.weights
     if weights.lower() in ("none", "imagenet"):
         return None if weights.lower() == "none" else "imagenet"
-    parent, _, name = weights.rstrip("/").rpartition("/")
-    if not Store(parent or ".").exists(name):
+    if not file_exists(weights):
         raise MdferError(f"{config.source}: model.weights: {weights} not found")
     return weights

@@ -9,7 +9,7 @@ Contract for the caller (one stage):
         model = build_model(...)                 # variables must be created in scope
     set_trainable_fraction(model, frozen)        # BEFORE the optimizer and the step
     with strategy.scope():
-        optimizer = keras.optimizers.AdamW(lr)   # a NEW optimizer for every stage
+        optimizer = keras.optimizers.Adam(lr)   # a NEW optimizer for every stage
     step = make_train_step(strategy, model, optimizer, ...)
     for batch in batches:                        # same number of steps on every worker
         loss, parts = step(batch)
@@ -154,24 +154,3 @@ def make_predict_step(
         )
 
     return predict_step
-
-
-def confusion_counts(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """Confusion matrix [true, predicted] of counts; sums across batches and workers.
-
-    probs: [N, C] scores (argmax taken) or [N] predicted classes. mask: [N] bool, e.g.
-    `domain == i` to score head i on its own dataset's samples only.
-    """
-    probs = np.asarray(probs)
-    predicted = probs.argmax(axis=-1) if probs.ndim == 2 else probs
-    labels = np.asarray(labels)
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        predicted, labels = predicted[mask], labels[mask]
-    flat = labels.astype(np.int64) * num_classes + predicted.astype(np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)

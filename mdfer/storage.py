@@ -148,13 +148,26 @@ class Store:
             raise storage_error(self.key_uri(prefix), exc) from None
 
 
+def _split_uri(uri: str) -> tuple[Store, str]:
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return Store(parent or "."), name
+
+
+def file_exists(uri: str) -> bool:
+    """A local path or s3:// URI names an existing file."""
+    if not uri.startswith("s3://"):
+        return Path(uri).is_file()
+    store, name = _split_uri(uri)
+    return store.exists(name)
+
+
 def local_copy(uri: str, folder: str) -> str:
     """A local file for a local path or s3:// URI (downloaded into `folder`)."""
     if not uri.startswith("s3://"):
         if not Path(uri).is_file():
             raise MdferError(f"{uri}: file not found")
         return uri
-    parent, _, name = uri.rpartition("/")
+    store, name = _split_uri(uri)
     target = Path(folder) / name
-    target.write_bytes(Store(parent).read_bytes(name))
+    target.write_bytes(store.read_bytes(name))
     return str(target)

@@ -26,6 +26,7 @@ from mdfer.storage import Store
 TRAIN_PREFIX = "train_"  # Ray Train dataset names: train_<domain>
 BATCH_KEYS = ("image", "domain", "label")
 DECODE_BATCH = 256
+EVAL_BATCH = 128  # fixed: a model traced for one batch shape retraces (seconds) for another
 BLOCK_ROWS = 512
 
 

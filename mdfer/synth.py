@@ -302,3 +302,12 @@ def write_fane_like(root: str | Path, per_class: int, seed: int = 0) -> dict:
         size=_fane_size,
         name=lambda folder, i: f"{folder}_{i:05d}.jpg",
     )
+
+
+def write_demo(root: str | Path, per_class: int, seed: int = 0) -> dict:
+    """Both layouts under `root` (fer2013/, fane/): the demo's and `mdfer synth`'s data.
+    FER-like gets a quarter as many test images; FANE-like has no split, so a quarter more."""
+    return {
+        "fer2013": write_fer_like(Path(root) / "fer2013", per_class, max(2, per_class // 4), seed=seed),
+        "fane": write_fane_like(Path(root) / "fane", per_class + per_class // 4, seed=seed),
+    }

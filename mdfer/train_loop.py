@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mdfer.config import Config, config_from_dict
+from mdfer.config import DOMAIN_HEAD, Config, config_from_dict
 from mdfer.storage import Store, local_copy
-from mdfer.stream import TRAIN_PREFIX, EpochPlan, iter_train_batches
+from mdfer.stream import EVAL_BATCH, TRAIN_PREFIX, EpochPlan, iter_train_batches
 
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.json"
 VAL_DATASET = "val"
-EVAL_BATCH = 128
 
 
 def _limit_threads(cpus: float) -> None:
@@ -47,21 +46,16 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
                    strategy) -> dict:
     """Every worker scores every `world`-th batch; confusion matrices are summed over workers,
     so the numbers equal a single-process pass over the whole split."""
-    from mdfer.metrics import batch_confusions, summarize
-    totals = {name: np.zeros((len(c), len(c)), np.int64) for name, c in classes.items()}
-    totals["domain"] = np.zeros((len(classes), len(classes)), np.int64)
-    for index, batch in enumerate(batches):
-        if index % world != rank:
-            continue
-        rows = len(batch["image"])
-        images = np.zeros((EVAL_BATCH, *batch["image"].shape[1:]), np.float32)
-        images[:rows] = batch["image"]  # one fixed shape: each new one retraces the model (seconds)
-        probs, _ = predict_step({"image": images})
-        counts = batch_confusions({k: v.numpy()[:rows] for k, v in probs.items()},
-                                  batch["domain"], batch["label"], classes)
-        for name in totals:
-            totals[name] += counts[name]
-    return summarize(allreduce_sum(strategy, totals), classes)
+    from mdfer.metrics import sum_confusions, summarize
+
+    def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+        padded = np.zeros((EVAL_BATCH, *images.shape[1:]), np.float32)
+        padded[:len(images)] = images  # one fixed shape for the traced step
+        probs, _ = predict_step({"image": padded})
+        return {name: value.numpy()[:len(images)] for name, value in probs.items()}
+
+    mine = (batch for index, batch in enumerate(batches) if index % world == rank)
+    return summarize(allreduce_sum(strategy, sum_confusions(mine, predict, classes)), classes)
 
 
 class TensorBoard:
@@ -71,7 +65,7 @@ class TensorBoard:
 
     def __init__(self, uri: str | None):
         from tensorboardX import SummaryWriter
-        self.uri = uri
+        self.store = Store(uri) if uri else None
         self.folder = tempfile.mkdtemp(prefix="mdfer-tb-")
         self.writer = SummaryWriter(self.folder)
 
@@ -80,23 +74,24 @@ class TensorBoard:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "epoch":
                 self.writer.add_scalar(name, value, global_step=epoch)
         self.writer.flush()
-        if self.uri:
-            store = Store(self.uri)
+        if self.store:
             for path in Path(self.folder).iterdir():
-                store.write_bytes(path.name, path.read_bytes())
+                self.store.write_bytes(path.name, path.read_bytes())
 
 
 def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
     metrics = {"stage": stage, "epoch": epoch, "val_macro_f1": evaluation["macro_f1"],
                "val_domain_accuracy": evaluation["domain_accuracy"]}
     for head, values in evaluation["heads"].items():
-        if head != "domain":
+        if head != DOMAIN_HEAD:
             metrics[f"val_{head}_macro_f1"] = values["macro_f1"]
             metrics[f"val_{head}_accuracy"] = values["accuracy"]
     return metrics
 
 
 def train_stage(loop_config: dict) -> None:
+    """One stage on one worker; `loop_config` comes from `stages.fit_stage` (plain data only,
+    because Ray ships it to every worker)."""
     import keras
     import ray.train
     import tensorflow as tf
@@ -118,12 +113,12 @@ def train_stage(loop_config: dict) -> None:
     classes = {d.name: d.classes for d in config.data.domains}
 
     init_weights = loop_config.get("init_weights")
-    with strategy.scope():
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
         model = build_model([(n, len(c)) for n, c in classes.items()], config.model.image_size,
-                            weights="imagenet" if init_weights == "imagenet" else None,
+                            weights="imagenet" if init_weights == "imagenet" and not checkpoint else None,
                             dropout=config.model.dropout)
     state = {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
         with checkpoint.as_directory() as folder:
             model.load_weights(Path(folder) / WEIGHTS_FILE)
@@ -149,6 +144,11 @@ def train_stage(loop_config: dict) -> None:
     train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
     val_shard = ray.train.get_dataset_shard(VAL_DATASET)
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
+        if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
+            if rank == 0:
+                print(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)",
+                      flush=True)
+            break
         started = time.perf_counter()
         loss_sum, steps, data_wait = 0.0, 0, 0.0
         batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer)
@@ -194,8 +194,3 @@ def train_stage(loop_config: dict) -> None:
                 Path(folder, STATE_FILE).write_text(json.dumps(state))
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
-        if state["since_best"] >= stage.patience:
-            if rank == 0:
-                print(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)",
-                      flush=True)
-            break

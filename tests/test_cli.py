@@ -27,7 +27,7 @@ def test_help_lists_every_step():
      "data.domains[0].root (fer2013): /nope/fer is not a folder"),
     (["prepare"], "data.domains[0].root (fer2013): missing"),
     (["prepare", "--data-root", "fer2013"], "--data-root 'fer2013': expected NAME=PATH"),
-    (["evaluate", "--run-id", "nothing-here", "--store", "{tmp}"], "no such run"),
+    (["evaluate", "--run-id", "nothing-here", "--store", "{tmp}"], "no finished run with this id"),
     (["train", "--dataset-id", "ds-0000", "--run-id", "x", "--store", "{tmp}"], "no complete dataset 'ds-0000'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
@@ -48,4 +48,5 @@ def test_synth_writes_both_layouts(tmp_path):
     result = run("synth", "--out", str(tmp_path), "--per-class", "4")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "fer2013" / "train" / "happy").glob("*.jpg"))) == 4
-    assert len(list((tmp_path / "fane" / "fane_data").glob("*/*.jpg"))) == 9 * 4
+    assert len(list((tmp_path / "fer2013" / "test" / "happy").glob("*.jpg"))) == 2
+    assert len(list((tmp_path / "fane" / "fane_data").glob("*/*.jpg"))) == 9 * 5

@@ -37,6 +37,9 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["stream"]["domain_mix"].update(sfew=0.5), "stream.domain_mix.sfew", "no dataset named"),
     (lambda c: c["stream"]["augment"].update(max_rotation_deg=90), "stream.augment.max_rotation_deg", "within [0, 45]"),
     (lambda c: c["data"]["domains"][1].update(name="fer2013"), "data.domains", "names repeat"),
+    (lambda c: c["data"]["domains"][1].update(name="pool"), "data.domains[1].name", "it names a model head"),
+    (lambda c: c["stream"]["domain_mix"].update(fer2013=0.7), "stream.domain_mix", "missing: ['fane']"),
+    (lambda c: c["train"].update(workers=32), "stream.batch_size", "cannot hold one sample"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
     path = write(tmp_path, edit)
@@ -89,3 +92,16 @@ def test_third_dataset_by_config_alone_and_relative_roots(tmp_path):
     config = load_config(write(tmp_path, add_sfew))
     assert config.domain_names() == ["fer2013", "fane", "sfew"]
     assert config.domain("sfew").root == str(tmp_path / "sfew-data")
+
+
+def test_identity_ignores_where_data_lives(tmp_path):
+    a = load_config(None, {"fer2013": "/data/a", "fane": "s3://bucket/fane"})
+    b = load_config(None, {"fer2013": str(tmp_path), "fane": str(tmp_path)})
+    assert a.identity() == b.identity()
+    b.train.stages[0].lr = 1e-3
+    assert a.identity() != b.identity()
+
+
+def test_relative_weights_path_starts_at_the_config(tmp_path):
+    path = write(tmp_path, lambda c: c["model"].update(weights="w/init.weights.h5"))
+    assert load_config(path).model.weights == str(tmp_path / "w" / "init.weights.h5")

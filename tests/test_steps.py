@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from mdfer.model import BACKBONE, backbone_layers, build_model, set_trainable_fraction
-from mdfer.steps import confusion_counts, make_predict_step, make_train_step
+from mdfer.steps import make_predict_step, make_train_step
 
 DOMAINS = [("fer2013", 4), ("fane", 4)]
 NAMES = [name for name, _ in DOMAINS]
@@ -99,16 +99,6 @@ def test_optimizer_outside_scope_is_refused(strategy):
         model = build_model(DOMAINS, image_size=SIZE)
     with pytest.raises(ValueError, match="scope"):
         make_train_step(strategy, model, keras.optimizers.Adam(), NAMES, WEIGHTS, BATCH)
-
-
-def test_confusion_counts():
-    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    labels = np.array([0, 1, 1, 1])
-    np.testing.assert_array_equal(confusion_counts(probs, labels, 2), [[1, 0], [1, 2]])
-    mask = np.array([True, True, False, False])
-    np.testing.assert_array_equal(confusion_counts(probs, labels, 2, mask), [[1, 0], [0, 1]])
-    predicted, truth = np.array([1, 1]), np.array([0, 1])
-    np.testing.assert_array_equal(confusion_counts(predicted, truth, 2), [[0, 1], [0, 1]])
 
 
 # Two CPU replicas need the device split before TensorFlow starts: own process.

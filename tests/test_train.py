@@ -73,8 +73,7 @@ def test_three_stages_two_workers_learn_and_rerun_skips(learnable):
               if key.split("/")[2:3] and key.split("/")[2].startswith("stage")}
 
     # evaluate writes metrics and pictures for every head
-    evaluated = run_mdfer("evaluate", "--config", str(learnable["config"]), "--store", store.uri,
-                          "--run-id", "learn", "--split", "test")
+    evaluated = run_mdfer("evaluate", "--store", store.uri, "--run-id", "learn", "--split", "test")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = store.read_json("runs/learn/report/test/metrics.json")
     assert set(report["heads"]) == {"fer2013", "fane", "domain"}
