@@ -42,10 +42,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:
+    from mdfer.config import Config
+    from mdfer.storage import Store
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "mdfer" / "configs" / "default.yaml"
 RUN_PREFIX = "bench"
@@ -171,7 +175,7 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
 # ---------------------------------------------------------------- the plain loop (child process)
 
 
-def decoded_train_rows(store, manifest: dict, config) -> dict[str, dict[str, np.ndarray]]:
+def decoded_train_rows(store: Store, manifest: dict, config: Config) -> dict[str, dict[str, np.ndarray]]:
     """Every train image of each dataset decoded once, as the stream's DecodeBatch does it."""
     import pyarrow.parquet as pq
 
@@ -195,7 +199,7 @@ def epoch_indices(n: int, needed: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(passes)[:needed]
 
 
-def run_plain(config, store, manifest: dict) -> Measured:
+def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
     """Variant (a): the training step with data that costs nothing, the ceiling Ray Train aims at."""
     from mdfer.train_loop import _limit_threads
 
@@ -253,7 +257,7 @@ def run_plain(config, store, manifest: dict) -> Measured:
 # ---------------------------------------------------------------- Ray Train (child process)
 
 
-def ray_history(result) -> tuple[list[dict], str]:
+def ray_history(result: Any) -> tuple[list[dict], str]:
     """Every epoch's metrics of the stage, and where they came from.
 
     Under Ray Train v2 `Result.metrics_dataframe` holds only the kept checkpoints' reports
@@ -274,7 +278,7 @@ def ray_history(result) -> tuple[list[dict], str]:
     return history, f"history from {source}; metrics_dataframe had epochs {in_frame}"
 
 
-def run_ray(config, store, manifest: dict, cores: int) -> Measured:
+def run_ray(config: Config, store: Store, manifest: dict, cores: int) -> Measured:
     """Variants (b) and (c): one stage through mdfer's own `fit_stage` on a private Ray."""
     import ray
 

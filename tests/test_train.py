@@ -90,6 +90,16 @@ def test_three_stages_two_workers_learn_and_rerun_skips(learnable):
     assert {key: Path(store.path(key)).stat().st_mtime_ns for key in sealed} == sealed
 
 
+def _registered_checkpoints(store: Store, prefix: str) -> list:
+    key = f"{prefix}/checkpoint_manager_snapshot.json"
+    if not store.exists(key):
+        return []
+    try:
+        return store.read_json(key).get("checkpoint_results", [])
+    except Exception:  # caught mid-write
+        return []
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (the local Ray that `mdfer` started lives under it)."""
     found, queue = [], [pid]
@@ -118,9 +128,11 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     try:
+        # wait until Ray has registered a checkpoint (its snapshot lists one), not merely until
+        # a checkpoint folder exists: a kill between the two restarts the stage from scratch
         deadline = time.time() + 600
-        while not any("/checkpoint_" in k for k in store.list_files("runs/fault/stage1/ray")):
-            assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        while not _registered_checkpoints(store, "runs/fault/stage1/ray"):
+            assert process.poll() is None and time.time() < deadline, "no checkpoint was registered"
             time.sleep(1)
         workers = [p for p in _descendants(process.pid) if "ray::RayTrainWorker" in _cmdline(p)]
         assert workers, "no Ray Train worker found under the mdfer process"
