@@ -287,7 +287,7 @@ def run_ray(config: Config, store: Store, manifest: dict, cores: int) -> Measure
 
     os.environ["RAY_ADDRESS"] = ""  # a private cluster even under `ray job submit`
     started = time.perf_counter()
-    ensure_ray(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
+    ensure_ray(num_cpus=cores, include_dashboard=True, logging_level=logging.WARNING)  # pins the State API
     ray_init_s = time.perf_counter() - started
     try:
         plan = plan_epoch(manifest, config, config.train.workers)
@@ -412,7 +412,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out.append(Variant("ray1", f"(b) Ray Train, 1 worker x 1 thread (cpus {args.cpus_1worker:g})",
                        1, args.cpus_1worker, batch))
     out.append(Variant("ray2", "(c) Ray Train, 2 workers x 1 thread (cpus 0.5 each)", 2, 0.5, batch))
-    return out
+    return [v for v in out if not args.only or v.key in args.only]
 
 
 def add_ratios(report: Report) -> None:
@@ -481,6 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-1worker", type=float, default=1.0,
                         help="train.cpus_per_worker of (b); must leave a CPU to Ray Data")
     parser.add_argument("--skip-half-batch", action="store_true", help="skip the (a/2) diagnostic")
+    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray2"),
+                        help="run only these configurations (to debug one)")
     parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load average first")
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for --max-load at most")
@@ -527,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = variants(args)
         paths = {v.key: write_config(args.work / f"config-{v.key}.yaml", roots, v, args) for v in todo}
         store = Store(str(args.work / "store"))
-        manifest = prepare(load_config(paths["plain"]), store)
+        manifest = prepare(load_config(next(iter(paths.values()))), store)  # same data in all
         store.delete_prefix("runs")  # a reused --work: no earlier checkpoints to resume from
         lap("data + prepare")
 

@@ -15,6 +15,7 @@ import logging
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,19 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **init_options)
-    else:
-        ray.init(address="local", _system_config=LOCAL_RAY_SYSTEM_CONFIG, **init_options)
+        return
+    # Train's placement-group cleaner asks the State API whether a run's controller is alive;
+    # with no address it may ask another local cluster's dashboard, hear "not found", and tear
+    # this run's workers down. Pin it to this cluster's own dashboard (actors inherit the env).
+    port = init_options.pop("dashboard_port", None) or _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", dashboard_port=port, _system_config=LOCAL_RAY_SYSTEM_CONFIG, **init_options)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_dataset_matches(config: Config, manifest: dict) -> None:
