@@ -240,9 +240,10 @@ def _row_order(rows: list[tuple[ScannedFile, str]], split: str, seed: int) -> li
     return files
 
 
-def _write_shard(store: Store, key: str, files: list[ScannedFile], config: Config, split: str) -> int:
+def _write_shard(store: Store, key: str, files: list[ScannedFile], config: Config, split: str,
+                 sources: dict[str, tuple[pafs.FileSystem, str]]) -> int:
+    """One Parquet shard; `sources` are the datasets' file systems, resolved once per prepare."""
     domains = {d.name: (i, d) for i, d in enumerate(config.data.domains)}
-    sources = {d.name: resolve(d.root) for d in config.data.domains}
     images = []
     for f in files:
         fs, root = sources[f.domain]
@@ -305,6 +306,7 @@ def prepare(config: Config, store: Store) -> dict:
         raise DataError("no usable images in any dataset; see the rejected files with --debug")
     shards: dict[str, list[dict]] = {}
     rows_per_shard = config.data.shard_rows
+    sources = {d.name: resolve(d.root) for d in config.data.domains}  # one S3 client, not one per shard
     with tqdm(total=len(result.rows), desc="write shards", unit="img") as bar:
         for split in SPLITS:
             files = _row_order(result.rows, split, config.data.split_seed)
@@ -315,7 +317,7 @@ def prepare(config: Config, store: Store) -> dict:
                     chunk = domain_files[start:start + rows_per_shard]
                     name = f"part-{domain}-{start // rows_per_shard:05d}.parquet"
                     key = f"{prefix}/shards/{split}/{name}"
-                    _write_shard(store, key, chunk, config, split)
+                    _write_shard(store, key, chunk, config, split, sources)
                     shards[split].append({"file": f"shards/{split}/{name}", "domain": domain,
                                           "rows": len(chunk)})
                     bar.update(len(chunk))
