@@ -1,13 +1,6 @@
-"""Ray job entrypoint for `mdfer pipeline`, with the same arguments:
+"""Ray job entrypoint for `mdfer pipeline`, with the same arguments (see _entry.py)."""
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/pipeline.py --help
-
-Under `ray job submit`, RAY_ADDRESS is set, so the job joins that cluster instead of starting one.
-"""
-
-import sys
-
-from mdfer.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    run("pipeline")

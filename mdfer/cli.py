@@ -35,6 +35,13 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--require-hef", action="store_true",
+                   help="fail unless the Hailo Dataflow Compiler is found and compiles the HEF")
+    p.add_argument("--hailo-python", help="Python of the Hailo Dataflow Compiler's environment "
+                                          "(default: $MDFER_HAILO_PYTHON, else the `hailo` command's)")
+
+
 def _load(args: argparse.Namespace, embedded: str = DEFAULT_CONFIG):
     from mdfer.config import load_config, parse_data_roots
     return load_config(args.config, parse_data_roots(args.data_root), embedded)
@@ -69,6 +76,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.train.workers = args.workers
     summary = train_run(config, Store(args.store), args.run_id, args.dataset_id, args.address)
     print(json.dumps({k: summary[k] for k in ("run_id", "dataset_id", "final_stage", "val_macro_f1")}, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mdfer.storage import Store
+    from mdfer.tune import load_sweeps, sweep_dataset, tune_sweep
+    config = _load(args)
+    load_sweeps(config, args.spaces)  # a bad space fails here, before any data or cluster work
+    store = Store(args.store)
+    dataset_id = sweep_dataset(config, store, args.sweep_id, args.dataset_id)
+    summary = tune_sweep(config, store, args.sweep_id, dataset_id, args.spaces, args.address)
+    print(json.dumps({k: summary[k] for k in ("run_id", "dataset_id", "final_stage", "val_macro_f1")}, indent=2))
+    print(f"sweep: {store.key_uri(f'sweeps/{args.sweep_id}')}/ (export it with: mdfer export --sweep-id {args.sweep_id})")
     return 0
 
 
@@ -111,6 +131,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     import yaml
 
     from mdfer.evaluate import evaluate_run
+    from mdfer.export import export_run
+    from mdfer.export import summary_lines as export_summary
     from mdfer.ingest import prepare, summary_lines
     from mdfer.stages import train_run
     from mdfer.storage import Store
@@ -126,13 +148,49 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     run_id = args.run_id or f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
     train_run(config, store, run_id, manifest["dataset_id"], args.address)
     result = evaluate_run(store, run_id, "test")
+    exported = export_run(store, f"runs/{run_id}", args.require_hef, args.hailo_python)
     print(f"\nrun {run_id} on dataset {manifest['dataset_id']}, test split:")
     _print_headline(result)
-    print("\nartifacts:")
-    for key in store.list_files(f"runs/{run_id}"):
-        if "/ray/" not in key:
-            print(f"  {store.key_uri(key)}")
+    print(f"\nreport: {store.key_uri(f'runs/{run_id}/report/test')}/ (metrics.json, confusion_*.png, "
+          f"training_curves.png)")
+    print(f"export: {store.key_uri(f'runs/{run_id}/export')}/")
+    for line in export_summary(exported):
+        print(f"  {line}")
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mdfer.export import export_run, source_prefix, summary_lines
+    from mdfer.storage import Store
+    store = Store(args.store)
+    prefix = source_prefix(args.run_id, args.sweep_id)
+    manifest = export_run(store, prefix, args.require_hef, args.hailo_python)
+    for line in summary_lines(manifest):
+        print(line)
+    state = "already complete, nothing written" if manifest.get("skipped") else "written"
+    print(f"{store.key_uri(prefix)}/export: {state}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mdfer.predict import predict_files
+    print(json.dumps(predict_files(args.model, args.images), indent=2))
+    return 0
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mdfer import artifacts
+    export, source, raw = artifacts.open_export(args.store, args.run_id, args.sweep_id)
+    if args.action == "list":
+        for line in artifacts.list_lines(export):
+            print(line)
+        return 0
+    result = artifacts.fetch(export, source, raw, Path(args.dest or f"{args.run_id or args.sweep_id}-export"))
+    print(f"{len(result.downloaded)} downloaded, {len(result.present)} already present "
+          f"({result.size:,} bytes, sha256 verified) in {result.dest}")
     return 0
 
 
@@ -140,8 +198,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "synth": (cmd_synth, "write small generated FER-like and FANE-like datasets"),
     "prepare": (cmd_prepare, "validate, de-duplicate and split datasets into Parquet shards"),
     "train": (cmd_train, "train the stages of a run on Ray Train (resumes or skips finished stages)"),
+    "tune": (cmd_tune, "Ray Tune sweep per stage, each trial a Ray Train run (resumes or skips finished stages)"),
     "evaluate": (cmd_evaluate, "score a run on a prepared split: metrics.json and confusion-matrix PNGs"),
-    "pipeline": (cmd_pipeline, "prepare -> train -> evaluate in one command (no arguments: generated demo data)"),
+    "pipeline": (cmd_pipeline, "prepare -> train -> evaluate -> export in one command (no arguments: generated demo data)"),
+    "export": (cmd_export, "export a run's model: .keras, .tflite (float32, optimized, int8), ONNX, Hailo bundle/HEF"),
+    "predict": (cmd_predict, "run an exported model (.keras, .tflite, .onnx) on image files; JSON out"),
+    "artifacts": (cmd_artifacts, "list or fetch (sha256-verified) the exported model files of a run or sweep"),
 }
 
 
@@ -168,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
     _address_arg(p)
 
+    p = parsers["tune"]
+    _config_args(p)
+    _store_arg(p)
+    p.add_argument("--sweep-id", required=True, help="names the sweep; rerun the same id to resume")
+    p.add_argument("--dataset-id", help="a prepared dataset (default: the sweep's own, else prepare it)")
+    p.add_argument("--spaces", default="tune_spaces", help="folder of <stage>.yaml search spaces (default: tune_spaces)")
+    _address_arg(p)
+
     p = parsers["evaluate"]
     _store_arg(p)
     p.add_argument("--run-id", required=True)
@@ -181,6 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="where generated data goes when no roots are set")
     p.add_argument("--synth-per-class", type=int, default=150, help="generated training images per class")
     _address_arg(p)
+    _export_args(p)
+
+    p = parsers["export"]
+    _store_arg(p)
+    _export_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="a finished run")
+    source.add_argument("--sweep-id", help="a finished sweep (its best three-stage result)")
+
+    p = parsers["predict"]
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, gray or RGB)")
+    p.add_argument("--model", required=True, help="an exported .keras, .tflite or .onnx file")
+
+    actions = parsers["artifacts"].add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "print each exported file with size and sha256, and the .hef status"),
+                         ("fetch", "download every exported file with boto3 and verify its sha256")):
+        p = actions.add_parser(action, help=text, description=text)
+        _store_arg(p)
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--run-id", help="the run whose export/ to read")
+        which.add_argument("--sweep-id", help="the sweep whose export/ to read")
+        if action == "fetch":
+            p.add_argument("--dest", help="folder to download into (default: ./<id>-export)")
     return parser
 
 

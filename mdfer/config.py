@@ -96,11 +96,19 @@ class TrainConfig:
 
 
 @dataclass
+class ExportConfig:
+    calib_images: int = 1024  # Hailo calibration set (calib.npy), drawn from the train split
+    representative_images: int = 256  # int8 TFLite calibration, drawn from the train split
+    parity_images: int = 500  # test images every format is checked on (0: the whole split)
+
+
+@dataclass
 class Config:
     data: DataConfig
     train: TrainConfig
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     source: str = "<embedded default>"  # the file it came from, for error messages
 
     def domain_names(self) -> list[str]:
@@ -118,6 +126,7 @@ class Config:
         """What defines a dataset or run: everything but where the data happens to live, so
         the same data read from a local copy or from s3:// is the same dataset and run."""
         out = self.to_dict()
+        out.pop("export")  # how a trained model is exported does not change the training
         for domain in out["data"]["domains"]:
             domain.pop("root")
         return out
@@ -258,6 +267,9 @@ def validate(config: Config) -> None:
     need(0 < data.val_fraction < 0.5, "data.val_fraction", f"{data.val_fraction} is outside (0, 0.5)")
     need(0 < data.test_fraction < 0.5, "data.test_fraction", f"{data.test_fraction} is outside (0, 0.5)")
     need(data.min_image_side >= 1, "data.min_image_side", "must be >= 1")
+    for name in ("calib_images", "representative_images"):
+        need(getattr(config.export, name) >= 1, f"export.{name}", "must be >= 1")
+    need(config.export.parity_images >= 0, "export.parity_images", "must be >= 0 (0: the whole test split)")
     need(data.shard_rows >= 16, "data.shard_rows", "must be >= 16")
 
     model = config.model

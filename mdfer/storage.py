@@ -8,9 +8,12 @@ and errors pass through `redact` before they reach the user.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,12 @@ from mdfer.errors import MdferError
 from mdfer.logs import redact
 
 S3_RETRY_ATTEMPTS = 6
+# On top of the SDK's few quick retries: an S3 endpoint that is unreachable (restarting, a
+# network blip) is retried with backoff for this long before the run fails with a clear error.
+OUTAGE_RETRY_S = 60.0
+_TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused", "SLOW_DOWN",
+              "SERVICE_UNAVAILABLE", "Timeout was reached", "INTERNAL_FAILURE")
+log = logging.getLogger(__name__)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -47,6 +56,27 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         raise MdferError(f"{uri}: unsupported location; use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and \
+        any(marker in str(exc) for marker in _TRANSIENT)
+
+
+def retrying(uri: str, operation: Callable[[], Any], is_s3: bool = True) -> Any:
+    """Run a store operation, riding out a brief S3 outage; other errors pass straight through."""
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            if not (is_s3 and _transient(exc)) or waited >= OUTAGE_RETRY_S:
+                raise
+            log.warning("%s: store unreachable (%s); retrying in %.1f s", uri,
+                        redact(str(exc)).splitlines()[0][:120], delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, 8.0)
 
 
 def storage_error(uri: str, exc: BaseException) -> MdferError:
@@ -88,14 +118,17 @@ class Store:
 
     def exists(self, key: str) -> bool:
         try:
-            return self.fs.get_file_info(self.path(key)).type != pafs.FileType.NotFound
+            return retrying(self.key_uri(key), lambda: self.fs.get_file_info(self.path(key)).type,
+                            self.is_s3) != pafs.FileType.NotFound
         except Exception as exc:
             raise storage_error(self.key_uri(key), exc) from None
 
     def read_bytes(self, key: str) -> bytes:
-        try:
+        def read() -> bytes:
             with self.fs.open_input_stream(self.path(key)) as f:
                 return f.read()
+        try:
+            return retrying(self.key_uri(key), read, self.is_s3)
         except FileNotFoundError:
             raise MdferError(f"{self.key_uri(key)}: not found") from None
         except Exception as exc:
@@ -106,8 +139,10 @@ class Store:
         target = self.path(key)
         try:
             if self.is_s3:
-                with self.fs.open_output_stream(target) as f:  # one PUT: atomic on S3
-                    f.write(data)
+                def put() -> None:
+                    with self.fs.open_output_stream(target) as f:  # one PUT: atomic on S3
+                        f.write(data)
+                retrying(self.key_uri(key), put)
                 return
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
             temp = f"{target}.tmp-{uuid.uuid4().hex}"
@@ -133,7 +168,7 @@ class Store:
         """Keys of all files under a prefix, sorted; empty when the prefix does not exist."""
         selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
         try:
-            infos = self.fs.get_file_info(selector)
+            infos = retrying(self.key_uri(prefix), lambda: self.fs.get_file_info(selector), self.is_s3)
         except Exception as exc:
             raise storage_error(self.key_uri(prefix), exc) from None
         base = self.root + "/"

@@ -28,6 +28,9 @@ BATCH_KEYS = ("image", "domain", "label")
 DECODE_BATCH = 256
 EVAL_BATCH = 128  # fixed: a model traced for one batch shape retraces (seconds) for another
 BLOCK_ROWS = 512
+# Ray Data's decode/augment tasks ask for half a CPU (Ray's default is one): the check in
+# stages._check_cpus_left_for_data promises the stream can run with half a CPU left over.
+DATA_TASK_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ def _read(store: Store, paths: list[str]) -> ray.data.Dataset:
 def _decoded(store: Store, paths: list[str], size: int) -> ray.data.Dataset:
     """Decoded once and kept in the object store for the whole stage: each epoch then only
     shuffles block order and augments, instead of re-reading and re-decoding every image."""
-    return _read(store, paths).map_batches(DecodeBatch(size), batch_size=DECODE_BATCH).materialize()
+    return _read(store, paths).map_batches(DecodeBatch(size), batch_size=DECODE_BATCH,
+                                             num_cpus=DATA_TASK_CPUS).materialize()
 
 
 def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan) -> dict[str, ray.data.Dataset]:
@@ -182,7 +186,7 @@ def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan
             repeated = repeated.union(base)
         datasets[TRAIN_PREFIX + domain] = (repeated.randomize_block_order()
                                            .limit(needed)
-                                           .map_batches(augment, batch_size=DECODE_BATCH))
+                                           .map_batches(augment, batch_size=DECODE_BATCH, num_cpus=DATA_TASK_CPUS))
     return datasets
 
 

@@ -9,55 +9,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from mdfer import synth
-from mdfer.config import load_config
-from mdfer.ingest import prepare
+from helpers import MDFER, PNG_MAGIC, run_mdfer, train_args
 from mdfer.storage import Store
 
-MDFER = [sys.executable, "-m", "mdfer.cli"]
-DEMO = Path(__file__).parents[1] / "mdfer" / "configs" / "demo.yaml"
 
-
-@pytest.fixture(scope="module")
-def learnable(tmp_path_factory) -> dict:
-    """Enough generated faces for a from-scratch model to learn in a few epochs."""
-    root = tmp_path_factory.mktemp("learnable")
-    synth.write_fer_like(root / "fer2013", train_per_class=150, test_per_class=10, seed=21)
-    synth.write_fane_like(root / "fane", per_class=120, seed=22)
-    # the pipeline's demo config: 48 px, no augmentation but flips, 2 + 2 + 4 epochs. Measured:
-    # a from-scratch EfficientNetV2B0 needs ~300 steps to leave chance on these faces
-    raw = yaml.safe_load(DEMO.read_text())
-    raw["data"]["domains"][0]["root"] = str(root / "fer2013")
-    raw["data"]["domains"][1]["root"] = str(root / "fane")
-    config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
-    store = Store(str(root / "store"))
-    manifest = prepare(load_config(config_path), store)
-    return {"root": root, "config": config_path, "store": store, "dataset_id": manifest["dataset_id"],
-            "raw": raw}
-
-
-def run_mdfer(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([*MDFER, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RAY_ADDRESS": ""})
-
-
-def train_args(data: dict, run_id: str, config: Path | None = None) -> list[str]:
-    return ["train", "--config", str(config or data["config"]), "--store", data["store"].uri,
-            "--dataset-id", data["dataset_id"], "--run-id", run_id]
-
-
-def test_three_stages_two_workers_learn_and_rerun_skips(learnable):
-    store = learnable["store"]
-    done = run_mdfer(*train_args(learnable, "learn"))
-    assert done.returncode == 0, done.stderr[-4000:]
+def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
+    learnable, store, done = trained_run, trained_run["store"], trained_run["train"]
     metrics = store.read_json("runs/learn/metrics.json")
     assert list(metrics["stages"]) == ["stage1", "stage2", "stage3"]
     # chance macro-F1: ~0.03 for a constant guess, ~0.13 for a uniform random one; measured
@@ -80,7 +42,7 @@ def test_three_stages_two_workers_learn_and_rerun_skips(learnable):
     assert report["heads"]["fer2013"]["n"] == 70
     assert report["macro_f1"] > 0.25, report["macro_f1"]
     for name in ("confusion_fer2013.png", "confusion_fane.png", "confusion_domain.png", "training_curves.png"):
-        assert store.read_bytes(f"runs/learn/report/test/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
+        assert store.read_bytes(f"runs/learn/report/test/{name}")[:8] == PNG_MAGIC
 
     # the same run id again: every stage is skipped and nothing a stage wrote changes
     again = run_mdfer(*train_args(learnable, "learn"))

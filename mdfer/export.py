@@ -1,0 +1,311 @@
+"""`mdfer export`: a finished run's (or sweep's) final weights -> every deployable format.
+
+Everything is built in a local temp folder, checked against the Keras model on test images,
+then copied to `<run>/export/` with `manifest.json` (sizes, sha256, parity) written last: an
+export without a manifest is unfinished, and a finished one is never rewritten.
+
+    hailo_model.keras                       the model, preprocessing inside (0..255 RGB in)
+    hailo_model_float32.tflite              static batch 1, builtin ops, signature "serve"
+    hailo_model_float32_optimized.tflite    dynamic-range weights (int8 weights, float math)
+    hailo_model_int8.tflite                 full integer, uint8 pixels in, float probabilities out
+    model.onnx                              from the float32 TFLite, outputs named by head
+    heads.json                              input size, heads and their classes
+    hailo/  hailo_model.tflite (no preprocessing), model.alls (the normalization), calib.npy,
+            heads.json, hailo_compile.py, hailo_model.hef when the DFC is installed
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mdfer import hailo
+from mdfer.artifacts import sha256_file
+from mdfer.config import Config, config_from_dict
+from mdfer.errors import MdferError
+from mdfer.predict import HEADS_FILE, TFLITE_SIGNATURE, OnnxRunner, TFLiteRunner
+from mdfer.storage import Store
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"
+MANIFEST = "manifest.json"
+KERAS_FILE = "hailo_model.keras"
+TFLITE_FLOAT32 = "hailo_model_float32.tflite"
+TFLITE_OPTIMIZED = "hailo_model_float32_optimized.tflite"
+TFLITE_INT8 = "hailo_model_int8.tflite"
+ONNX_FILE = "model.onnx"
+HAILO_DIR = "hailo"
+HAILO_TFLITE = f"{HAILO_DIR}/hailo_model.tflite"
+FLOAT_TOLERANCE = 1e-3  # max |probability difference| a float32 format may show against Keras
+ONNX_OPSET = 17
+
+
+def source_prefix(run_id: str | None = None, sweep_id: str | None = None) -> str:
+    """Where a trained model lives: a run, or a finished sweep (which looks like a run)."""
+    if bool(run_id) == bool(sweep_id):
+        raise MdferError("give exactly one of --run-id or --sweep-id")
+    return f"runs/{run_id}" if run_id else f"sweeps/{sweep_id}"
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def _saved_model(model, image_size: int, folder: Path) -> str:
+    """A SavedModel with one static-batch-1 endpoint; the TFLite converter reads it (Keras 3's
+    own route). A dynamic batch would add shape ops inside every squeeze-excite block."""
+    import keras
+    import tensorflow as tf
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(TFLITE_SIGNATURE, functools.partial(model.__call__, training=False),
+                         input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")])
+    archive.write_out(str(folder), verbose=False)
+    return str(folder)
+
+
+def tflite_bytes(saved_model: str, kind: str = "float32",
+                 representative: np.ndarray | None = None) -> bytes:
+    """float32 | optimized (dynamic-range) | int8 (full integer, uint8 input)."""
+    import tensorflow as tf
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=[TFLITE_SIGNATURE])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if kind in ("optimized", "int8"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind == "int8":
+        def samples() -> Iterator[dict[str, np.ndarray]]:
+            for image in representative:
+                yield {"image": image[None].astype(np.float32)}
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8  # pixels 0..255 go in as they are (scale 1)
+    return converter.convert()
+
+
+def onnx_from_tflite(tflite_path: str, onnx_path: str) -> None:
+    """Via tf2onnx's TFLite front end (the Keras-graph route turns the preprocess layer's
+    constants into extra inputs); inputs and outputs renamed to the signature's names."""
+    import onnx
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    patch_tf2onnx()  # numpy 2 compatibility, as Keras's own ONNX export does
+    import tf2onnx
+    from ai_edge_litert.interpreter import Interpreter
+
+    proto, _ = tf2onnx.convert.from_tflite(tflite_path, opset=ONNX_OPSET)
+    interpreter = Interpreter(model_path=tflite_path)
+    tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    signature = interpreter._get_full_signature_list()[TFLITE_SIGNATURE]
+    present = {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for group in ("inputs", "outputs"):
+        for name, index in signature[group].items():
+            old = next(n for n in (tensors[index], f"{tensors[index]}:0") if n in present)
+            _rename(proto.graph, old, name)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, onnx_path)
+
+
+def _rename(graph, old: str, new: str) -> None:
+    for value in (*graph.input, *graph.output):
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+
+
+# ---------------------------------------------------------------- data for calibration and parity
+
+
+def split_images(store: Store, manifest: dict, split: str, size: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to `limit` (0: all) decoded images of a split with their domain and label."""
+    from mdfer.evaluate import iter_split
+    parts, total = [], 0
+    for batch in iter_split(store, manifest, split, size):
+        parts.append(batch)
+        total += len(batch["image"])
+        if limit and total >= limit:
+            break
+    if not parts:
+        raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
+    cut = limit or total
+    return tuple(np.concatenate([p[k] for p in parts])[:cut] for k in ("image", "domain", "label"))
+
+
+def _max_diff(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    return {name: float(np.abs(np.asarray(ours[name], np.float32) - reference[name]).max()) for name in reference}
+
+
+def head_scores(probs: dict[str, np.ndarray], domain: np.ndarray, label: np.ndarray,
+            classes: dict[str, list[str]]) -> dict:
+    from mdfer.metrics import batch_confusions, summarize
+    result = summarize(batch_confusions(probs, domain, label, classes), classes)
+    return {"macro_f1": result["macro_f1"], "domain_accuracy": result["domain_accuracy"],
+            **{f"{name}_accuracy": result["heads"][name]["accuracy"] for name in classes},
+            **{f"{name}_macro_f1": result["heads"][name]["macro_f1"] for name in classes}}
+
+
+def parity(model, folder: Path, images: np.ndarray, domain: np.ndarray, label: np.ndarray,
+           classes: dict[str, list[str]]) -> dict:
+    """Every exported format against the Keras model on the same test images."""
+    from mdfer.model import preprocess_constants
+    from mdfer.predict import KerasRunner
+    reference = {k: np.asarray(v) for k, v in model(images, training=False).items()}
+    mean, std = preprocess_constants()
+    normalized = (images - np.array(mean, np.float32)) / np.array(std, np.float32)
+    probs = {
+        KERAS_FILE: KerasRunner(str(folder / KERAS_FILE))(images),
+        TFLITE_FLOAT32: TFLiteRunner(str(folder / TFLITE_FLOAT32))(images),
+        TFLITE_OPTIMIZED: TFLiteRunner(str(folder / TFLITE_OPTIMIZED))(images),
+        TFLITE_INT8: TFLiteRunner(str(folder / TFLITE_INT8))(images),
+        ONNX_FILE: OnnxRunner(str(folder / ONNX_FILE))(images),
+        HAILO_TFLITE: TFLiteRunner(str(folder / HAILO_TFLITE))(normalized),  # as the .alls feeds it
+    }
+    formats = {}
+    for name, out in probs.items():
+        diff = _max_diff(out, reference)
+        entry = {"max_abs_diff": diff, **head_scores(out, domain, label, classes)}
+        if name not in (TFLITE_OPTIMIZED, TFLITE_INT8):
+            entry["tolerance"] = FLOAT_TOLERANCE
+            entry["ok"] = max(diff.values()) <= FLOAT_TOLERANCE
+        formats[name] = entry
+    float32, int8 = formats[TFLITE_FLOAT32], formats[TFLITE_INT8]
+    return {"images": int(len(images)), "split": "test", "reference": "Keras model from the run's weights",
+            "keras": head_scores(reference, domain, label, classes), "formats": formats,
+            "int8_vs_float32": {"macro_f1_drop": float32["macro_f1"] - int8["macro_f1"],
+                                "accuracy_drop": {n: float32[f"{n}_accuracy"] - int8[f"{n}_accuracy"] for n in classes}}}
+
+
+# ---------------------------------------------------------------- the export
+
+
+def heads_json(config: Config, preprocessing: str) -> dict:
+    size = config.model.image_size
+    heads = {d.name: {"classes": d.classes} for d in config.data.domains}
+    heads["domain"] = {"classes": config.domain_names()}
+    return {"input": {"name": "image", "shape": [1, size, size, 3], "layout": "NHWC", "channels": "RGB",
+                      "range": "0..255", "preprocessing": preprocessing},
+            "heads": heads, "tflite_signature": TFLITE_SIGNATURE}
+
+
+def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_python: str | None = None) -> dict:
+    """Export the model of a finished run or sweep at `prefix`; returns the manifest.
+    An existing manifest means a finished export: it is returned, nothing is rewritten."""
+    from mdfer.evaluate import load_for_eval
+    from mdfer.ingest import load_manifest
+    from mdfer.model import preprocess_constants, without_preprocess
+    from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches
+
+    manifest_key = f"{prefix}/{EXPORT_DIR}/{MANIFEST}"
+    if store.exists(manifest_key):
+        existing = store.read_json(manifest_key)
+        if require_hef and existing["hef"] != "compiled":
+            raise MdferError(f"--require-hef: {store.key_uri(manifest_key)} is a finished export without a "
+                             f"HEF ({existing['hef']}); compile its hailo/ bundle: {hailo.compile_command()}")
+        log.info("%s: already exported, nothing written", store.key_uri(f"{prefix}/{EXPORT_DIR}"))
+        return {**existing, "skipped": True}
+    if not store.exists(f"{prefix}/metrics.json"):
+        raise MdferError(f"{store.key_uri(prefix)}: no finished run or sweep there (train it first)")
+    config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/config.yaml")),
+                              store.key_uri(f"{prefix}/config.yaml"))
+    dataset_id = store.read_json(f"{prefix}/run.json")["dataset_id"]
+    dataset = load_manifest(store, dataset_id)
+    check_dataset_matches(config, dataset)
+    compiler = hailo.find_compiler(hailo_python)
+    if require_hef and not compiler.python:
+        raise MdferError(f"--require-hef: {compiler.reason}; install the Hailo Dataflow Compiler "
+                         f"and pass --hailo-python or set {hailo.HAILO_PYTHON_ENV}")
+
+    started = time.perf_counter()
+    size = config.model.image_size
+    classes = {d.name: d.classes for d in config.data.domains}
+    model = load_for_eval(config, store.key_uri(f"{prefix}/{HAILO_WEIGHTS}"))
+    mean, std = preprocess_constants()
+    with tempfile.TemporaryDirectory(prefix="mdfer-export-") as tmp:
+        out, work = Path(tmp) / "export", Path(tmp) / "work"
+        (out / HAILO_DIR).mkdir(parents=True)
+        work.mkdir()
+        log.info("export: keras and float32 TFLite (%d px, batch 1)", size)
+        model.save(out / KERAS_FILE)
+        saved = _saved_model(model, size, work / "saved_model")
+        (out / TFLITE_FLOAT32).write_bytes(tflite_bytes(saved))
+        hailo_saved = _saved_model(without_preprocess(model), size, work / "saved_model_hailo")
+        (out / HAILO_TFLITE).write_bytes(tflite_bytes(hailo_saved))
+        ops = hailo.preflight(str(out / HAILO_TFLITE))  # before the slow conversions
+
+        calib = split_images(store, dataset, "train", size, config.export.calib_images)[0].astype(np.float32)
+        log.info("export: optimized and int8 TFLite (%d representative train images)",
+                 min(len(calib), config.export.representative_images))
+        (out / TFLITE_OPTIMIZED).write_bytes(tflite_bytes(saved, "optimized"))
+        (out / TFLITE_INT8).write_bytes(tflite_bytes(saved, "int8", calib[:config.export.representative_images]))
+        log.info("export: ONNX (opset %d)", ONNX_OPSET)
+        onnx_from_tflite(str(out / TFLITE_FLOAT32), str(out / ONNX_FILE))
+
+        np.save(out / HAILO_DIR / "calib.npy", calib)
+        (out / HAILO_DIR / "model.alls").write_text(hailo.model_script(mean, std))
+        shutil.copy(hailo.COMPILE_SCRIPT, out / HAILO_DIR / hailo.COMPILE_SCRIPT.name)
+        (out / HEADS_FILE).write_text(json.dumps(heads_json(config, "inside the model"), indent=2))
+        (out / HAILO_DIR / HEADS_FILE).write_text(json.dumps(heads_json(
+            config, f"normalization in model.alls: (x - {[round(m, 3) for m in mean]}) / {[round(s, 3) for s in std]}"),
+            indent=2))
+
+        log.info("export: parity on up to %s test images", config.export.parity_images or "all")
+        checks = parity(model, out, *split_images(store, dataset, "test", size, config.export.parity_images), classes)
+        broken = [name for name, entry in checks["formats"].items() if entry.get("ok") is False]
+        if broken:
+            raise MdferError(f"export parity failed for {', '.join(broken)}: max |diff| "
+                             f"{[max(checks['formats'][b]['max_abs_diff'].values()) for b in broken]} "
+                             f"> {FLOAT_TOLERANCE}; nothing was written to the store")
+
+        hef_status = compiler.reason
+        if compiler.python:
+            log.info("export: compiling the HEF with %s", compiler.python)
+            try:
+                hailo.compile_hef(compiler, out / HAILO_DIR)
+                hef_status = "compiled"
+            except MdferError as exc:
+                if require_hef:
+                    raise
+                hef_status = f"not compiled (compiler failed: {exc})"
+        log.info("export: hef %s", hef_status)
+
+        files = {str(path.relative_to(out)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                 for path in sorted(out.rglob("*")) if path.is_file()}
+        for name in files:
+            store.write_bytes(f"{prefix}/{EXPORT_DIR}/{name}", (out / name).read_bytes())
+    run = store.read_json(f"{prefix}/metrics.json")
+    manifest = {
+        "format": 1, "run_id": run["run_id"], "dataset_id": dataset_id, "source": store.key_uri(prefix),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "image_size": size,
+        "files": files, "parity": checks, "hailo": {"hw_arch": hailo.HW_ARCH, "ops": ops},
+        "hef": hef_status,
+        "compile_hef": None if hef_status == "compiled" else
+        f"in the Hailo DFC environment, in the fetched export folder: {hailo.compile_command()}",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    store.write_json(manifest_key, manifest)  # last: the export is whole
+    return manifest
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """What a user reads after an export: files, parity, int8 cost, HEF status."""
+    lines = [f"{'file':<42} {'bytes':>11}  sha256"]
+    lines += [f"{name:<42} {entry['size']:>11}  {entry['sha256'][:12]}" for name, entry in manifest["files"].items()]
+    checks = manifest["parity"]
+    lines.append(f"parity on {checks['images']} test images (max |diff| vs Keras; macro-F1):")
+    for name, entry in checks["formats"].items():
+        lines.append(f"  {name:<40} {max(entry['max_abs_diff'].values()):.2e}  macro-F1 {entry['macro_f1']:.4f}"
+                     + ("" if "ok" not in entry else "  ok" if entry["ok"] else "  FAILED"))
+    lines.append(f"int8 macro-F1 drop vs float32: {checks['int8_vs_float32']['macro_f1_drop']:+.4f}")
+    lines.append(f"hef: {manifest['hef']}")
+    if manifest.get("compile_hef"):
+        lines.append(f"  to compile later: {manifest['compile_hef']}")
+    return lines

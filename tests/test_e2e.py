@@ -1,0 +1,164 @@
+"""End to end, as a user works: a Ray head started with `ray start --head` on 127.0.0.1, the
+pipeline submitted with `ray job submit`, the store on the real S3 server, then the artifacts
+fetched with `mdfer artifacts fetch` and a fetched model run with `mdfer predict`.
+
+The job is stopped once stage 1 is finished and submitted again: the second job resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from helpers import DEMO, run_mdfer
+from mdfer import synth
+from mdfer.stages import LOCAL_RAY_SYSTEM_CONFIG
+from mdfer.storage import Store
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, s3_server):
+    """A head node of our own: its own ports and temp dir, token authentication on (a random
+    token in the environment, nothing written to ~/.ray), the S3 credentials in the node's
+    environment as an instance role would give them. Stopped by its process id."""
+    if not s3_server.running:
+        s3_server.start()
+    temp = f"/tmp/mdfer-e2e-{secrets.token_hex(3)}"  # short: Ray's socket paths must fit 107 bytes
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
+    env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    log = (tmp_path_factory.mktemp("rayhead") / "ray_start.log").open("w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+         f"--temp-dir={temp}", "--num-cpus=2", "--disable-usage-stats",
+         f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 180
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield {"address": address, "env": env}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # its own session: only what it started
+            head.wait(30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray_job(head: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", head["address"]], env=head["env"],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _wait_status(head: dict, job: str, wanted: set[str], timeout: float = 900) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = re.search(r"Status for job '[^']+': (\w+)", _ray_job(head, "status", job).stdout)
+        state = found.group(1) if found else ""
+        if state in wanted:
+            return state
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            raise AssertionError(f"job {job} ended {state}:\n{_ray_job(head, 'logs', job).stdout[-4000:]}")
+        time.sleep(3)
+    raise AssertionError(f"job {job} did not reach {wanted} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    """Generated data and a config small enough for a job that finishes in a few minutes."""
+    root = tmp_path_factory.mktemp("e2e-data")
+    synth.write_fer_like(root / "fer2013", train_per_class=20, test_per_class=4, seed=31)
+    synth.write_fane_like(root / "fane", per_class=16, seed=32)
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["data"]["domains"][0]["root"] = str(root / "fer2013")
+    raw["data"]["domains"][1]["root"] = str(root / "fane")
+    raw["model"]["image_size"] = 32
+    raw["stream"]["batch_size"] = 16
+    raw["train"].update(workers=1, cpus_per_worker=1)
+    for stage in raw["train"]["stages"]:
+        stage.update(epochs=1, patience=1)
+    raw["export"] = {"calib_images": 16, "representative_images": 16, "parity_images": 0}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_pipeline_job_stopped_resubmitted_fetched_and_predicted(ray_head, tiny_config, s3_env, tmp_path):
+    s3_server = s3_env
+    store_uri = f"s3://{s3_server.bucket}/e2e-{secrets.token_hex(4)}"
+    store = Store(store_uri)
+    entry = ["--", "python", "jobs/pipeline.py", "--config", str(tiny_config), "--store", store_uri, "--run-id", "e2e"]
+
+    first = _ray_job(ray_head, "submit", "--working-dir", ".", "--no-wait", "--submission-id", "e2e-first", *entry)
+    assert first.returncode == 0, first.stderr[-3000:]
+    deadline = time.time() + 900
+    while not store.exists("runs/e2e/stage1/done.json"):
+        assert time.time() < deadline, _ray_job(ray_head, "logs", "e2e-first").stdout[-4000:]
+        time.sleep(2)
+    stopped = _ray_job(ray_head, "stop", "e2e-first")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    _wait_status(ray_head, "e2e-first", {"STOPPED", "SUCCEEDED"}, timeout=120)
+
+    second = _ray_job(ray_head, "submit", "--working-dir", ".", "--submission-id", "e2e-second", *entry, timeout=1200)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    _wait_status(ray_head, "e2e-second", {"SUCCEEDED"}, timeout=60)
+    logs = _ray_job(ray_head, "logs", "e2e-second").stdout
+    assert "stage1: already complete" in logs  # resumed, not redone
+    assert "stage3 epoch 1/1: loss" in logs  # a line per epoch with the metrics
+    assert "export: s3://" in logs and "hef: not compiled" in logs and "pipeline finished in" in logs
+    assert s3_server.env()["AWS_SECRET_ACCESS_KEY"] not in logs
+
+    fetched = tmp_path / "fetched"
+    done = run_mdfer("artifacts", "fetch", "--store", store_uri, "--run-id", "e2e", "--dest", str(fetched),
+                     env=s3_server.env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((fetched / "manifest.json").read_text())
+    assert {p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()} == {*manifest["files"], "manifest.json"}
+
+    face = tmp_path / "face.png"
+    Image.fromarray(np.full((48, 48), 128, np.uint8), "L").save(face)
+    predicted = run_mdfer("predict", str(face), "--model", str(fetched / "hailo_model_int8.tflite"))
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    heads = json.loads(predicted.stdout)[0]["heads"]
+    assert set(heads) == {"fer2013", "fane", "domain"} and heads["domain"]["top"] in ("fer2013", "fane")
