@@ -138,9 +138,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from mdfer.storage import Store
     started = time.perf_counter()
     config = _load(args, embedded=DEMO_CONFIG)
+    store = Store(args.store)
+    store.check_writable()  # a bad store fails now, not after the data is generated
     if args.config is None and not args.data_root:
         _synthetic_roots(config, args.data_dir, args.synth_per_class)
-    store = Store(args.store)
     manifest = prepare(config, store)
     for line in summary_lines(manifest):
         print(line)

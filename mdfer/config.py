@@ -135,6 +135,13 @@ class Config:
 # ---------------------------------------------------------------- loading
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def load_config(path: str | Path | None = None, data_roots: dict[str, str] | None = None,
                 embedded: str = DEFAULT_CONFIG) -> Config:
     """Load and validate a config file (None: the `embedded` one); `data_roots` overrides roots."""
@@ -150,7 +157,7 @@ def load_config(path: str | Path | None = None, data_roots: dict[str, str] | Non
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     config = config_from_dict(raw, source)
     for name, root in (data_roots or {}).items():
         if name not in config.domain_names():

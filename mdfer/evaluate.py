@@ -60,20 +60,24 @@ def load_for_eval(config: Config, weights_uri: str):
 
 
 def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | None = None) -> dict:
-    """Score a finished run's final weights (or `weights`) on a split, with the run's own config
-    (image size and class order must match the weights), and write the report beside the run."""
+    """Score a finished run's final weights (or `weights`, e.g. a stage's best of an unfinished
+    run) on a split, with the run's own config (image size and class order must match the
+    weights), and write the report beside the run."""
     from mdfer.report import write_report
     from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches, run_config, run_key
-    if not store.exists(run_key(run_id, "metrics.json")):
-        raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first)")
+    finished = store.exists(run_key(run_id, "metrics.json"))
+    if not finished and not (weights and store.exists(run_key(run_id, "run.json"))):
+        raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
+                         f"or name a checkpoint of it with --weights)")
     config = run_config(store, run_id)
-    history = store.read_json(run_key(run_id, "metrics.json"))
-    manifest = load_manifest(store, history["dataset_id"])
+    history = store.read_json(run_key(run_id, "metrics.json")) if finished else None
+    dataset_id = store.read_json(run_key(run_id, "run.json"))["dataset_id"]
+    manifest = load_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
     model = load_for_eval(config, weights)
     classes = {d.name: d.classes for d in config.data.domains}
     result = evaluate_model(model, store, manifest, split, classes, config.model.image_size)
-    result.update(run_id=run_id, dataset_id=history["dataset_id"], split=split, weights=weights)
+    result.update(run_id=run_id, dataset_id=dataset_id, split=split, weights=weights)
     write_report(store, run_key(run_id, "report", split), result, history)
     return result

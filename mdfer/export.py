@@ -199,11 +199,6 @@ def heads_json(config: Config, preprocessing: str) -> dict:
 def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_python: str | None = None) -> dict:
     """Export the model of a finished run or sweep at `prefix`; returns the manifest.
     An existing manifest means a finished export: it is returned, nothing is rewritten."""
-    from mdfer.evaluate import load_for_eval
-    from mdfer.ingest import load_manifest
-    from mdfer.model import preprocess_constants, without_preprocess
-    from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches
-
     manifest_key = f"{prefix}/{EXPORT_DIR}/{MANIFEST}"
     if store.exists(manifest_key):
         existing = store.read_json(manifest_key)
@@ -214,6 +209,12 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
         return {**existing, "skipped": True}
     if not store.exists(f"{prefix}/metrics.json"):
         raise MdferError(f"{store.key_uri(prefix)}: no finished run or sweep there (train it first)")
+    # TensorFlow and Ray come in only now: a wrong id fails fast, on one line
+    from mdfer.evaluate import load_for_eval
+    from mdfer.ingest import load_manifest
+    from mdfer.model import preprocess_constants, without_preprocess
+    from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches
+
     config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/config.yaml")),
                               store.key_uri(f"{prefix}/config.yaml"))
     dataset_id = store.read_json(f"{prefix}/run.json")["dataset_id"]

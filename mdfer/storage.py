@@ -92,8 +92,8 @@ class Store:
     uri: str
 
     def __post_init__(self) -> None:
-        self.uri = self.uri.rstrip("/") if self.uri.startswith("s3://") else str(Path(self.uri).expanduser().resolve())
-        self.fs, self.root = resolve(self.uri)
+        self.fs, self.root = resolve(self.uri)  # an unsupported scheme fails here
+        self.uri = self.uri.rstrip("/") if self.uri.startswith("s3://") else self.root
         self.is_s3 = self.uri.startswith("s3://")
 
     def path(self, key: str = "") -> str:

@@ -109,25 +109,17 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="session")
 def learnable(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Enough generated faces for a from-scratch model to learn in a few epochs."""
-    import yaml
-
-    from helpers import DEMO
-    from mdfer import synth
+    from helpers import generated_demo_config
     from mdfer.config import load_config
     from mdfer.ingest import prepare
     from mdfer.storage import Store
 
-    root = tmp_path_factory.mktemp("learnable")
-    synth.write_fer_like(root / "fer2013", train_per_class=150, test_per_class=10, seed=21)
-    synth.write_fane_like(root / "fane", per_class=120, seed=22)
     # the pipeline's demo config: 48 px, no augmentation but flips, 2 + 2 + 4 epochs. Measured:
     # a from-scratch EfficientNetV2B0 needs ~300 steps to leave chance on these faces
-    raw = yaml.safe_load(DEMO.read_text())
-    raw["data"]["domains"][0]["root"] = str(root / "fer2013")
-    raw["data"]["domains"][1]["root"] = str(root / "fane")
-    raw["export"] = {"calib_images": 64, "representative_images": 32, "parity_images": 0}
-    config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
+    root = tmp_path_factory.mktemp("learnable")
+    config_path, raw = generated_demo_config(
+        root, fer_train=150, fer_test=10, fane=120, seed=21,
+        edit=lambda raw: raw.update(export={"calib_images": 64, "representative_images": 32, "parity_images": 0}))
     store = Store(str(root / "store"))
     manifest = prepare(load_config(config_path), store)
     return {"root": root, "config": config_path, "store": store, "dataset_id": manifest["dataset_id"],

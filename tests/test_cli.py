@@ -29,8 +29,18 @@ def test_help_lists_every_step():
     (["prepare", "--data-root", "fer2013"], "--data-root 'fer2013': expected NAME=PATH"),
     (["evaluate", "--run-id", "nothing-here", "--store", "{tmp}"], "no finished run with this id"),
     (["train", "--dataset-id", "ds-0000", "--run-id", "x", "--store", "{tmp}"], "no complete dataset 'ds-0000'"),
+    (["prepare", "--config", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML"),
+    (["pipeline", "--config", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML"),
+    (["train", "--config", "{tmp}/unknown.yaml", "--dataset-id", "ds-0", "--run-id", "x"], "unknown.yaml: trian: unknown key"),
+    (["prepare", "--data-root", "fer2013={tmp}/empty", "--data-root", "fane={tmp}/empty"], "fer2013: no files under"),
+    (["export", "--run-id", "nothing-here", "--store", "{tmp}"], "no finished run or sweep there"),
+    (["pipeline", "--store", "ftp://host/x"], "ftp://host/x: unsupported location"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
+    (tmp_path / "unknown.yaml").write_text("trian: {}\n")
+    for folder in ("train", "test", "fane_data"):
+        (tmp_path / "empty" / folder).mkdir(parents=True)
     result = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

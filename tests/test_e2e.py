@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from helpers import DEMO, run_mdfer
-from mdfer import synth
+from helpers import generated_demo_config, run_mdfer
 from mdfer.stages import LOCAL_RAY_SYSTEM_CONFIG
 from mdfer.storage import Store
 
@@ -107,20 +105,16 @@ def _wait_status(head: dict, job: str, wanted: set[str], timeout: float = 900) -
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
     """Generated data and a config small enough for a job that finishes in a few minutes."""
-    root = tmp_path_factory.mktemp("e2e-data")
-    synth.write_fer_like(root / "fer2013", train_per_class=20, test_per_class=4, seed=31)
-    synth.write_fane_like(root / "fane", per_class=16, seed=32)
-    raw = yaml.safe_load(DEMO.read_text())
-    raw["data"]["domains"][0]["root"] = str(root / "fer2013")
-    raw["data"]["domains"][1]["root"] = str(root / "fane")
-    raw["model"]["image_size"] = 32
-    raw["stream"]["batch_size"] = 16
-    raw["train"].update(workers=1, cpus_per_worker=1)
-    for stage in raw["train"]["stages"]:
-        stage.update(epochs=1, patience=1)
-    raw["export"] = {"calib_images": 16, "representative_images": 16, "parity_images": 0}
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    def shrink(raw: dict) -> None:
+        raw["model"]["image_size"] = 32
+        raw["stream"]["batch_size"] = 16
+        raw["train"].update(workers=1, cpus_per_worker=1)
+        for stage in raw["train"]["stages"]:
+            stage.update(epochs=1, patience=1)
+        raw["export"] = {"calib_images": 16, "representative_images": 16, "parity_images": 0}
+
+    path, _ = generated_demo_config(tmp_path_factory.mktemp("e2e-data"), fer_train=20, fer_test=4, fane=16,
+                                    seed=31, edit=shrink)
     return path
 
 
