@@ -209,7 +209,11 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
         return {**existing, "skipped": True}
     if not store.exists(f"{prefix}/metrics.json"):
         raise MdferError(f"{store.key_uri(prefix)}: no finished run or sweep there (train it first)")
-    # TensorFlow and Ray come in only now: a wrong id fails fast, on one line
+    compiler = hailo.find_compiler(hailo_python)
+    if require_hef and not compiler.python:
+        raise MdferError(f"--require-hef: {compiler.reason}; install the Hailo Dataflow Compiler "
+                         f"and pass --hailo-python or set {hailo.HAILO_PYTHON_ENV}")
+    # TensorFlow and Ray come in only now: a wrong id or a missing compiler fails fast, on one line
     from mdfer.evaluate import load_for_eval
     from mdfer.ingest import load_manifest
     from mdfer.model import preprocess_constants, without_preprocess
@@ -220,10 +224,6 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
     dataset_id = store.read_json(f"{prefix}/run.json")["dataset_id"]
     dataset = load_manifest(store, dataset_id)
     check_dataset_matches(config, dataset)
-    compiler = hailo.find_compiler(hailo_python)
-    if require_hef and not compiler.python:
-        raise MdferError(f"--require-hef: {compiler.reason}; install the Hailo Dataflow Compiler "
-                         f"and pass --hailo-python or set {hailo.HAILO_PYTHON_ENV}")
 
     started = time.perf_counter()
     size = config.model.image_size

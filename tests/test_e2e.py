@@ -85,8 +85,9 @@ def ray_head(tmp_path_factory, s3_server):
 
 
 def _ray_job(head: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", head["address"]], env=head["env"],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    command, *rest = args  # --address before the entrypoint's `--`
+    return subprocess.run([str(BIN / "ray"), "job", command, "--address", head["address"], *rest],
+                          env=head["env"], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def _wait_status(head: dict, job: str, wanted: set[str], timeout: float = 900) -> str:
