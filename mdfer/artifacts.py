@@ -51,11 +51,8 @@ class Export:
 
 def export_prefix(run_id: str | None = None, sweep_id: str | None = None) -> tuple[str, str]:
     """(key prefix, label) of the export folder of a run or a sweep (exactly one of them)."""
-    if bool(run_id) == bool(sweep_id):
-        raise MdferError("give exactly one of --run-id or --sweep-id")
-    if run_id:
-        return f"runs/{run_id}/export", f"run {run_id}"
-    return f"sweeps/{sweep_id}/export", f"sweep {sweep_id}"
+    from mdfer.export import EXPORT_DIR, source_prefix
+    return f"{source_prefix(run_id, sweep_id)}/{EXPORT_DIR}", f"run {run_id}" if run_id else f"sweep {sweep_id}"
 
 
 # ---------------------------------------------------------------- reading the store

@@ -90,17 +90,27 @@ def _ray_job(head: dict, *args: str, timeout: float = 120) -> subprocess.Complet
                           env=head["env"], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def _job_state(head: dict, job: str) -> str:
+    """SUCCEEDED, STOPPED, FAILED, or what `ray job status` says while it runs."""
+    done = _ray_job(head, "status", job)
+    text = done.stdout + done.stderr
+    for state, words in (("SUCCEEDED", "succeeded"), ("STOPPED", "was stopped"), ("FAILED", "failed")):
+        if f"Job '{job}' {words}" in text:
+            return state
+    found = re.search(r"Status for job '[^']+': (\w+)", text)
+    return found.group(1) if found else "UNKNOWN"
+
+
 def _wait_status(head: dict, job: str, wanted: set[str], timeout: float = 900) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = re.search(r"Status for job '[^']+': (\w+)", _ray_job(head, "status", job).stdout)
-        state = found.group(1) if found else ""
+        state = _job_state(head, job)
         if state in wanted:
             return state
         if state in ("SUCCEEDED", "FAILED", "STOPPED"):
             raise AssertionError(f"job {job} ended {state}:\n{_ray_job(head, 'logs', job).stdout[-4000:]}")
         time.sleep(3)
-    raise AssertionError(f"job {job} did not reach {wanted} in {timeout} s")
+    raise AssertionError(f"job {job} did not reach {wanted} in {timeout} s (last: {state})")
 
 
 @pytest.fixture(scope="module")
