@@ -44,8 +44,10 @@ def run_key(run_id: str, *parts: str) -> str:
 LOCAL_RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 32, "idle_worker_killing_time_threshold_ms": 600_000}
 
 
-def ensure_ray(address: str | None = None, **init_options) -> None:
-    """Join the given cluster (or RAY_ADDRESS, as under `ray job submit`); else start a private one.
+def ensure_ray(address: str | None = None, local_resources: dict[str, float] | None = None,
+               **init_options) -> None:
+    """Join the given cluster (or RAY_ADDRESS, as under `ray job submit`); else start a private one,
+    with `local_resources` (custom resources; a running cluster declares its own at `ray start`).
 
     `address="local"` on purpose: a bare ray.init() would follow a stale /tmp/ray/ray_current_cluster.
     """
@@ -61,7 +63,8 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
     # this run's workers down. Pin it to this cluster's own dashboard (actors inherit the env).
     port = init_options.pop("dashboard_port", None) or _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", dashboard_port=port, _system_config=LOCAL_RAY_SYSTEM_CONFIG, **init_options)
+    ray.init(address="local", dashboard_port=port, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+             resources=local_resources, **init_options)
 
 
 def _free_port() -> int:
@@ -110,18 +113,28 @@ def _start_run(config: Config, store: Store, run_id: str, dataset_id: str) -> No
             raise MdferError(f"{store.key_uri(run_key(run_id))}: this run id was started with a "
                              f"different config or dataset ({run['dataset_id']}); use a new --run-id")
         return
-    store.write_json(run_key(run_id, "run.json"), {"run_id": run_id, "dataset_id": dataset_id,
-                                                    "config_source": config.source})
-    store.write_bytes(key, yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
+    write_run_record(store, run_key(run_id), config, run_id, dataset_id)
+
+
+def write_run_record(store: Store, prefix: str, config: Config, run_id: str, dataset_id: str) -> None:
+    """run.json and config.yaml under `prefix`: what `evaluate` and `export` read about a run
+    (or about a finished sweep, which looks like a run to them)."""
+    store.write_json(f"{prefix}/run.json", {"run_id": run_id, "dataset_id": dataset_id,
+                                            "config_source": config.source})
+    store.write_bytes(f"{prefix}/config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
 
 
 def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
-              init_weights: str | None) -> "ray.train.Result":
-    """One stage as a Ray Train run; returns Ray's Result."""
+              init_weights: str | None, folder: str | None = None,
+              callbacks: list | None = None) -> "ray.train.Result":
+    """One stage as a Ray Train run; returns Ray's Result. `folder` (a store key; default the
+    run's stage folder) holds its checkpoints and TensorBoard files; `callbacks` go to Ray Train
+    (a Tune trial passes TuneReportCallback)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     stage = config.train.stages[stage_index]
+    folder = folder or run_key(run_id, stage.name)
     workers = config.train.workers
     _check_cpus_left_for_data(config)
     plan = plan_epoch(manifest, config, workers)
@@ -132,7 +145,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
         train_loop_config={
             "config": config.to_dict(), "config_source": config.source, "stage_index": stage_index,
             "plan": plan_as_dict(plan), "init_weights": init_weights,
-            "tensorboard_uri": store.key_uri(run_key(run_id, stage.name, "tensorboard")),
+            "tensorboard_uri": store.key_uri(f"{folder}/tensorboard"),
             "class_weights": class_weights(config, manifest),
         },
         scaling_config=ScalingConfig(
@@ -142,7 +155,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != VAL_DATASET]),
         run_config=RunConfig(
-            name="ray", storage_path=store.path(run_key(run_id, stage.name)), storage_filesystem=store.fs,
+            name="ray", storage_path=store.path(folder), storage_filesystem=store.fs, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
                                                checkpoint_score_order="max")),
@@ -165,15 +178,17 @@ def _root_cause(exc: BaseException) -> str:
     return causes[-1] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _check_cpus_left_for_data(config: Config) -> None:
-    """Ray Data's decode tasks need CPUs the Train workers do not hold, or the stream stalls."""
+def _check_cpus_left_for_data(config: Config, runs: int = 1) -> None:
+    """Ray Data's decode tasks need CPUs the Train workers do not hold, or the stream stalls.
+    `runs`: Train runs at the same time (a sweep's concurrent trials)."""
     import ray
     total = ray.cluster_resources().get("CPU", 0)
-    held = config.train.workers * config.train.cpus_per_worker
+    held = runs * config.train.workers * config.train.cpus_per_worker
     if total - held < 0.5:
-        raise MdferError(f"{config.source}: train.workers x train.cpus_per_worker = {held:g} CPUs of the "
-                         f"cluster's {total:g}; leave at least half a CPU (better one) for the data stream "
-                         f"(e.g. train.cpus_per_worker: {max(0.25, (total - 1) / config.train.workers):g})")
+        times = f"{runs} concurrent trials x " if runs > 1 else ""
+        raise MdferError(f"{config.source}: {times}train.workers x train.cpus_per_worker = {held:g} CPUs of "
+                         f"the cluster's {total:g}; leave at least half a CPU (better one) for the data stream "
+                         f"(e.g. train.cpus_per_worker: {max(0.25, (total - 1) / runs / config.train.workers):g})")
 
 
 def plan_as_dict(plan: EpochPlan) -> dict:
@@ -233,12 +248,19 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
         init_weights_uri = store.key_uri(run_key(run_id, stage.name, BEST_WEIGHTS))
     if store.exists(run_key(run_id, "metrics.json")):
         return store.read_json(run_key(run_id, "metrics.json"))
-    last = config.train.stages[-1].name
-    store.write_bytes(run_key(run_id, HAILO_WEIGHTS), store.read_bytes(run_key(run_id, last, BEST_WEIGHTS)))
+    return seal_run(store, run_key(run_id), run_id, dataset_id, stages)
+
+
+def seal_run(store: Store, prefix: str, run_id: str, dataset_id: str, stages: dict[str, dict]) -> dict:
+    """The last stage's best weights as the run's model, then metrics.json, written last: it
+    marks the run (or sweep) under `prefix` finished. `stages`: name -> {"best", "history", ...}
+    in stage order, each stage's best weights already at `<prefix>/<stage>/best.weights.h5`."""
+    last = list(stages)[-1]
+    store.write_bytes(f"{prefix}/{HAILO_WEIGHTS}", store.read_bytes(f"{prefix}/{last}/{BEST_WEIGHTS}"))
     summary = {"run_id": run_id, "dataset_id": dataset_id, "final_stage": last,
                "val_macro_f1": stages[last]["best"]["val_macro_f1"],
                "stages": {name: {"best": s["best"], "history": s["history"]} for name, s in stages.items()}}
-    store.write_json(run_key(run_id, "metrics.json"), summary)  # last: seals the run
+    store.write_json(f"{prefix}/metrics.json", summary)
     return summary
 
 
