@@ -143,6 +143,7 @@ def train_stage(loop_config: dict) -> None:
     board = TensorBoard(loop_config.get("tensorboard_uri")) if rank == 0 else None
     train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
     val_shard = ray.train.get_dataset_shard(VAL_DATASET)
+    reported = False
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
         if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
             if rank == 0:
@@ -194,3 +195,10 @@ def train_stage(loop_config: dict) -> None:
                 Path(folder, STATE_FILE).write_text(json.dumps(state))
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
+        reported = True
+    if checkpoint and not reported and state["history"]:
+        # Resumed after the stage's last epoch (or its early stop): report that epoch again, so
+        # whoever drives this run (a restored Tune trial) gets its result and checkpoint.
+        with checkpoint.as_directory() as folder:
+            ray.train.report(dict(state["history"][-1]),
+                             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
