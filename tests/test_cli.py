@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-MDFER = [sys.executable, "-m", "mdfer.cli"]
+from helpers import MDFER
 
 
 def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
