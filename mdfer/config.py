@@ -24,6 +24,7 @@ GIVEN_SPLIT_NAMES = ("train", "val", "test")
 WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its own
 DOMAIN_HEAD = "domain"
 # names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
+LR_SCHEDULES = ("constant", "cosine")
 RESERVED_NAMES = ("image", "preprocess", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
 
@@ -80,6 +81,7 @@ class StageConfig:
     frozen_fraction: float
     epochs: int
     patience: int = 3
+    lr_schedule: str = "constant"  # constant | cosine (per epoch, from lr down to ~0 at the last)
 
 
 @dataclass
@@ -175,13 +177,13 @@ def load_config(path: str | Path | None = None, data_roots: dict[str, str] | Non
 
 
 def config_from_dict(raw: Any, source: str) -> Config:
-    config = _build(Config, raw, "", source)
+    config = build_typed(Config, raw, "", source)
     config.source = source
     validate(config)
     return config
 
 
-def _build(kind: Any, value: Any, key: str, source: str) -> Any:
+def build_typed(kind: Any, value: Any, key: str, source: str) -> Any:
     """Turn YAML data into `kind`, rejecting unknown keys and wrong types by dotted key."""
     where = key or "<top level>"
     origin = typing.get_origin(kind)
@@ -200,26 +202,26 @@ def _build(kind: Any, value: Any, key: str, source: str) -> Any:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise ConfigError(f"{source}: {_join(key, f.name)}: required key is missing")
                 continue
-            args[f.name] = _build(hints[f.name], value[f.name], _join(key, f.name), source)
+            args[f.name] = build_typed(hints[f.name], value[f.name], _join(key, f.name), source)
         return kind(**args)
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(kind)
         if value is None and type(None) in options:
             return None
         inner = next(o for o in options if o is not type(None))
-        return _build(inner, value, key, source)
+        return build_typed(inner, value, key, source)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {where}: expected a list, got {_kind(value)}")
         (item,) = typing.get_args(kind)
-        return [_build(item, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+        return [build_typed(item, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         if value is None:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(value)}")
         key_kind, item = typing.get_args(kind)
-        return {_build(key_kind, k, f"{where} key", source): _build(item, v, _join(key, str(k)), source)
+        return {build_typed(key_kind, k, f"{where} key", source): build_typed(item, v, _join(key, str(k)), source)
                 for k, v in value.items()}
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -318,6 +320,8 @@ def validate(config: Config) -> None:
              f"{stage.frozen_fraction} is outside [0, 1]")
         need(stage.epochs >= 1, f"{key}.epochs", "must be >= 1")
         need(stage.patience >= 1, f"{key}.patience", "must be >= 1")
+        need(stage.lr_schedule in LR_SCHEDULES, f"{key}.lr_schedule",
+             f"{stage.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         need(set(stage.loss_weights) == heads, f"{key}.loss_weights",
              f"needs exactly the heads {sorted(heads)}, got {sorted(stage.loss_weights)}")
         for head, weight in stage.loss_weights.items():

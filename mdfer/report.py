@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from mdfer.storage import Store  # noqa: E402
 
 
-def _png(figure) -> bytes:
+def figure_png(figure: "plt.Figure") -> bytes:
+    """PNG bytes of a figure, which is closed afterwards (pyplot keeps every open one)."""
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -38,7 +39,7 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> by
             axis.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
                       color="white" if share[i, j] > 0.5 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046, label="share of true class")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def curves_png(history: dict) -> bytes:
@@ -56,7 +57,7 @@ def curves_png(history: dict) -> bytes:
     for axis in (loss_axis, f1_axis):
         axis.grid(alpha=0.3)
         axis.legend()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def write_report(store: Store, prefix: str, result: dict, history: dict | None) -> list[str]:

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -27,6 +28,9 @@ from mdfer.ingest import load_manifest
 from mdfer.storage import Store, file_exists
 from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
 from mdfer.train_loop import STATE_FILE, VAL_DATASET, WEIGHTS_FILE, train_stage
+
+if TYPE_CHECKING:
+    import ray.train
 
 log = logging.getLogger(__name__)
 BEST_WEIGHTS = "best.weights.h5"
@@ -136,7 +140,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     stage = config.train.stages[stage_index]
     folder = folder or run_key(run_id, stage.name)
     workers = config.train.workers
-    _check_cpus_left_for_data(config)
+    check_cpus_left_for_data(config)
     plan = plan_epoch(manifest, config, workers)
     datasets = train_datasets(store, manifest, config, plan)
     datasets[VAL_DATASET] = eval_dataset(store, manifest, config, "val")
@@ -163,13 +167,13 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the workers' errors; the last error line is the cause
-        raise MdferError(f"{stage.name}: training failed: {_root_cause(exc)}") from exc
+        raise MdferError(f"{stage.name}: training failed: {root_cause(exc)}") from exc
     if result.error:
-        raise MdferError(f"{stage.name}: training failed: {_root_cause(result.error)}")
+        raise MdferError(f"{stage.name}: training failed: {root_cause(result.error)}")
     return result
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The last `SomeError: message` line of a (remote) traceback, without Ray's log prefixes."""
     lines = [re.sub(r"^(\x1b\[[0-9;]*m)?\([^)]*\)(\x1b\[[0-9;]*m)?\s*", "", line).strip()
              for line in str(exc).splitlines()]
@@ -178,7 +182,7 @@ def _root_cause(exc: BaseException) -> str:
     return causes[-1] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _check_cpus_left_for_data(config: Config, runs: int = 1) -> None:
+def check_cpus_left_for_data(config: Config, runs: int = 1) -> None:
     """Ray Data's decode tasks need CPUs the Train workers do not hold, or the stream stalls.
     `runs`: Train runs at the same time (a sweep's concurrent trials)."""
     import ray
@@ -238,7 +242,7 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
             stages[stage.name] = store.read_json(done_key)
         else:
             if index == 0:
-                init_weights_uri = _initial_weights(config)
+                init_weights_uri = initial_weights(config)
             ensure_ray(ray_address)
             log.info("%s: training (%d epochs max, %d workers)", stage.name, stage.epochs, config.train.workers)
             stages[stage.name] = _seal_stage(store, run_id, stage.name,
@@ -264,7 +268,7 @@ def seal_run(store: Store, prefix: str, run_id: str, dataset_id: str, stages: di
     return summary
 
 
-def _initial_weights(config: Config) -> str | None:
+def initial_weights(config: Config) -> str | None:
     """Stage 1's starting point; a weights file must exist before any cluster time is spent."""
     weights = config.model.weights
     if weights.lower() in ("none", "imagenet"):

@@ -10,6 +10,7 @@ and reports; rank 0 writes the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -17,13 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-from mdfer.config import DOMAIN_HEAD, Config, config_from_dict
+from mdfer.config import DOMAIN_HEAD, Config, StageConfig, config_from_dict
 from mdfer.storage import Store, local_copy
 from mdfer.stream import EVAL_BATCH, TRAIN_PREFIX, EpochPlan, iter_train_batches
 
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.json"
 VAL_DATASET = "val"
+
+
+def epoch_lr(stage: StageConfig, epoch: int) -> float:
+    """The learning rate of a stage's epoch (1-based). Set per epoch from the epoch number, not
+    per optimizer step, so a stage resumed from a checkpoint continues the same schedule."""
+    if stage.lr_schedule == "cosine":
+        return stage.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / stage.epochs))
+    return stage.lr
 
 
 def _limit_threads(cpus: float) -> None:
@@ -150,6 +159,7 @@ def train_stage(loop_config: dict) -> None:
                 print(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)",
                       flush=True)
             break
+        optimizer.learning_rate.assign(epoch_lr(stage, epoch))
         started = time.perf_counter()
         loss_sum, steps, data_wait = 0.0, 0, 0.0
         batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer)
@@ -167,7 +177,8 @@ def train_stage(loop_config: dict) -> None:
                                     val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
                                     classes, rank, world, strategy)
         metrics = _flat_metrics(stage.name, epoch, evaluation)
-        metrics.update(loss=loss_sum / max(steps, 1), train_seconds=train_seconds, data_wait_seconds=data_wait,
+        metrics.update(loss=loss_sum / max(steps, 1), lr=float(optimizer.learning_rate.numpy()),
+                       train_seconds=train_seconds, data_wait_seconds=data_wait,
                        images_per_second=steps * plan.global_batch_size / train_seconds)
         if metrics["val_macro_f1"] > state["best_macro_f1"]:
             state.update(best_macro_f1=metrics["val_macro_f1"], best_epoch=epoch, since_best=0)
@@ -180,7 +191,7 @@ def train_stage(loop_config: dict) -> None:
         if rank == 0:
             heads = " ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()
                              if k.startswith("val_") and k != "val_macro_f1")
-            print(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} "
+            print(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2g} "
                   f"val_macro_f1 {metrics['val_macro_f1']:.4f} ({heads}) "
                   f"{metrics['images_per_second']:.0f} img/s, {data_wait:.1f}s of {train_seconds:.1f}s "
                   f"waiting for data{'  *best*' if metrics['is_best'] else ''}",

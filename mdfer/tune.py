@@ -28,11 +28,11 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from mdfer.config import DOMAIN_HEAD, Config, _build, config_from_dict, yaml_problem
+from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, yaml_problem
 from mdfer.errors import ConfigError, MdferError
 from mdfer.ingest import load_manifest
 from mdfer.logs import redact
-from mdfer.stages import (BEST_WEIGHTS, _check_cpus_left_for_data, _initial_weights, _root_cause,
+from mdfer.stages import (BEST_WEIGHTS, check_cpus_left_for_data, initial_weights, root_cause,
                           check_dataset_matches, ensure_ray, fit_stage, seal_run, write_run_record)
 from mdfer.storage import Store
 from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE
@@ -120,7 +120,7 @@ def load_sweep(path: Path, config: Config, stage_index: int) -> StageSweep:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
-    sweep = _build(StageSweep, raw, "", str(path))  # the main config's loader: unknown keys, types
+    sweep = build_typed(StageSweep, raw, "", str(path))  # the main config's loader: unknown keys, types
     sweep.source = str(path)
     _validate_sweep(sweep, config, stage_index)
     return sweep
@@ -344,7 +344,7 @@ def _trial_rows(analysis: tune.ExperimentAnalysis, store: Store, names: list[str
             INIT_KEY: trial.config.get(INIT_KEY),
             "seconds_to_first_report": reported[0]["time_total_s"] if reported else None,
             "first_epoch_train_seconds": reported[0]["train_seconds"] if reported else None,
-            "error": redact(_root_cause(Exception(error))) if error else None,
+            "error": redact(root_cause(Exception(error))) if error else None,
         })
         histories.append(reported)
     return rows, histories
@@ -379,7 +379,7 @@ def metric_png(rows: list[dict], sweep: StageSweep, stage: str, winner: int) -> 
     """val_macro_f1 against each hyperparameter, one panel each; the winner is the red star."""
     from matplotlib.ticker import NullFormatter
 
-    from mdfer.report import _png, plt
+    from mdfer.report import figure_png, plt
     parameters = sweep.parameters()
     figure, axes = plt.subplots(1, len(parameters), figsize=(3.6 * len(parameters), 3.4), squeeze=False,
                                 sharey=True)
@@ -405,7 +405,7 @@ def metric_png(rows: list[dict], sweep: StageSweep, stage: str, winner: int) -> 
     axes[0][0].set_ylabel(METRIC)
     figure.suptitle(f"{stage}: {METRIC} of each trial vs its hyperparameters ({len(rows)} trials)")
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Config, sweep: StageSweep) -> dict:
@@ -478,7 +478,7 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
     manifest = load_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     _start_sweep(config, store, sweep_id, dataset_id)
-    current, init_weights, records = config, _initial_weights(config), {}
+    current, init_weights, records = config, initial_weights(config), {}
     for index, (stage, sweep) in enumerate(zip(config.train.stages, sweeps)):
         best_key = sweep_key(sweep_id, stage.name, BEST_FILE)
         if store.exists(best_key):
@@ -488,7 +488,7 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
             slots = max(s.max_concurrent_trials for s in sweeps)
             ensure_ray(ray_address, local_resources={TUNE_SLOT: slots})
             _check_tune_slots()
-            _check_cpus_left_for_data(current, sweep.max_concurrent_trials)
+            check_cpus_left_for_data(current, sweep.max_concurrent_trials)
             _tuner(current, store, sweep_id, index, manifest, sweep, init_weights).fit()
             record = _seal_stage_sweep(store, sweep_id, index, current, sweep)
             log.info("%s: best trial %s, %s %.4f at epoch %d (%s)", stage.name, record["trial_id"], METRIC,

@@ -40,6 +40,8 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["data"]["domains"][1].update(name="pool"), "data.domains[1].name", "it names a model head"),
     (lambda c: c["stream"]["domain_mix"].update(fer2013=0.7), "stream.domain_mix", "missing: ['fane']"),
     (lambda c: c["train"].update(workers=32), "stream.batch_size", "cannot hold one sample"),
+    (lambda c: c["train"]["stages"][2].update(lr_schedule="linear"), "train.stages[2].lr_schedule",
+     "'linear' is not one of constant, cosine"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
     path = write(tmp_path, edit)
@@ -105,3 +107,15 @@ def test_identity_ignores_where_data_lives(tmp_path):
 def test_relative_weights_path_starts_at_the_config(tmp_path):
     path = write(tmp_path, lambda c: c["model"].update(weights="w/init.weights.h5"))
     assert load_config(path).model.weights == str(tmp_path / "w" / "init.weights.h5")
+
+
+def test_cosine_schedule_decays_per_epoch_and_constant_does_not(tmp_path):
+    from mdfer.train_loop import epoch_lr
+
+    stages = load_config(write(tmp_path, lambda c: c["train"]["stages"][0].update(
+        lr_schedule="cosine", lr=1e-3, epochs=4))).train.stages
+    cosine = [epoch_lr(stages[0], epoch) for epoch in range(1, 5)]
+    assert cosine[0] == pytest.approx(1e-3)  # the first epoch runs at the configured LR
+    assert cosine == sorted(cosine, reverse=True) and len(set(cosine)) == 4
+    assert 0 < cosine[-1] < 0.2e-3  # the last epoch still learns, a little
+    assert [epoch_lr(stages[1], epoch) for epoch in (1, 5)] == [stages[1].lr] * 2  # default: constant

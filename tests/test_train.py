@@ -12,10 +12,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import MDFER, PNG_MAGIC, run_mdfer, train_args
+from mdfer.config import load_config
 from mdfer.storage import Store
+from mdfer.train_loop import epoch_lr
 
 
 def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
@@ -27,6 +30,13 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     assert metrics["val_macro_f1"] > 0.3, metrics["val_macro_f1"]
     for stage, epochs in zip(metrics["stages"].values(), (2, 2, 4)):
         assert [row["epoch"] for row in stage["history"]] == list(range(1, epochs + 1))
+    # the LR each epoch ran at: constant in stage 1, cosine in stage 3 (the config's edit)
+    stages = load_config(learnable["config"]).train.stages
+    for stage, config in zip(metrics["stages"].values(), stages):
+        ran = [row["lr"] for row in stage["history"]]
+        assert ran == pytest.approx([epoch_lr(config, row["epoch"]) for row in stage["history"]], rel=1e-5)
+    assert len(set(metrics["stages"]["stage1"]["history"][i]["lr"] for i in (0, 1))) == 1
+    assert metrics["stages"]["stage3"]["history"][-1]["lr"] < 0.2 * stages[2].lr
     # per-epoch lines with the metrics, from the rank-0 worker
     assert "stage3 epoch 4/4: loss" in done.stdout + done.stderr
     # TensorBoard event files per stage
