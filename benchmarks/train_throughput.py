@@ -10,6 +10,8 @@ One run, on the same prepared shards, image size, global batch and stage setting
   (b) Ray Train, 1 worker x 1 thread, through mdfer's own code path (`mdfer.stages.fit_stage`:
       Ray Data stream with augmentation, MultiWorkerMirroredStrategy, per-epoch validation
       and checkpoint); train.cpus_per_worker 1 leaves one of the 2 CPUs to Ray Data;
+  (b0) as (b) with mdfer.stream.IdleBackoff off (MDFER_DATA_IDLE_BACKOFF=0): Ray Data's
+      scheduling loop spins while the stream waits for training, on a core training wants;
   (c) Ray Train, 2 workers x 1 thread (train.cpus_per_worker 0.5).
 
 The rate of each is the `images_per_second` the training loop measures per epoch (train steps
@@ -64,6 +66,7 @@ class Variant:
     workers: int
     cpus_per_worker: float
     batch_size: int  # global
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of its subprocess
 
 
 @dataclass
@@ -343,7 +346,7 @@ def run_child(variant: Variant, config_path: Path, args: argparse.Namespace, dat
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "plain" if variant.workers == 0 else "ray",
                "--child-config", str(config_path), "--result", str(result_path), "--work", str(args.work),
                "--dataset-id", dataset_id, "--cores", str(args.cores)]
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", **variant.env}
     timed_out = threading.Event()
     with open(log_path, "w") as log, subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -405,12 +408,16 @@ def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 30.0) -> 
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
+    from mdfer.stream import IDLE_BACKOFF_ENV
+
     batch = args.batch_size
     out = [Variant("plain", "(a) plain TF loop, 1 process, 1 thread", 0, 1.0, batch)]
     if not args.skip_half_batch:
         out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
     out.append(Variant("ray1", f"(b) Ray Train, 1 worker x 1 thread (cpus {args.cpus_1worker:g})",
                        1, args.cpus_1worker, batch))
+    out.append(Variant("ray1_spin", "(b0) as (b), Ray Data's idle loop left spinning", 1, args.cpus_1worker, batch,
+                       env={IDLE_BACKOFF_ENV: "0"}))
     out.append(Variant("ray2", "(c) Ray Train, 2 workers x 1 thread (cpus 0.5 each)", 2, 0.5, batch))
     return [v for v in out if not args.only or v.key in args.only]
 
@@ -419,6 +426,8 @@ def add_ratios(report: Report) -> None:
     r, got, ratios = (lambda k: report.results[k].rate()), report.results, {}
     if {"ray1", "plain"} <= got.keys():
         ratios["(b) Ray Train 1 worker / (a) plain loop  [goal >= 0.95]"] = r("ray1") / r("plain")
+    if {"ray1", "ray1_spin"} <= got.keys():
+        ratios["(b) / (b0): mdfer's Ray Data idle back-off on vs off"] = r("ray1") / r("ray1_spin")
     if {"ray2", "ray1"} <= got.keys():
         ratios["scaling efficiency (c) / (2 x (b))  [goal >= 0.85]"] = r("ray2") / (2 * r("ray1"))
     if {"plain_half", "plain"} <= got.keys():
@@ -481,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-1worker", type=float, default=1.0,
                         help="train.cpus_per_worker of (b); must leave a CPU to Ray Data")
     parser.add_argument("--skip-half-batch", action="store_true", help="skip the (a/2) diagnostic")
-    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray2"),
+    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2"),
                         help="run only these configurations (to debug one)")
     parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load average first")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -151,6 +152,7 @@ def _shard_paths(store: Store, manifest: dict, split: str, domain: str | None = 
 
 
 IDLE_STEP_SLEEP_S = 0.01
+IDLE_BACKOFF_ENV = "MDFER_DATA_IDLE_BACKOFF"  # "0": leave Ray Data's loop as it is (benchmarks)
 
 
 class IdleBackoff(ExecutionCallback):
@@ -174,7 +176,8 @@ def configure_data_context() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = False
     context.enable_progress_bars = sys.stderr.isatty()
-    if IdleBackoff not in context.custom_execution_callback_classes:
+    wanted = os.environ.get(IDLE_BACKOFF_ENV, "1") != "0"
+    if wanted and IdleBackoff not in context.custom_execution_callback_classes:
         context.custom_execution_callback_classes.append(IdleBackoff)
 
 

@@ -109,7 +109,7 @@ class _CountSteps(ExecutionCallback):
 
 
 @pytest.mark.parametrize("backoff", [True, False])
-def test_idle_stream_does_not_spin(ray_session, backoff):
+def test_idle_stream_does_not_spin(ray_session, backoff, monkeypatch):
     """A stream ahead of its consumer has nothing running; Ray Data's loop would spin (about a
     thousand steps a second and more, a whole core); IdleBackoff holds it to ~100 a second."""
     import ray.cloudpickle
@@ -120,11 +120,12 @@ def test_idle_stream_does_not_spin(ray_session, backoff):
     context = ray.data.DataContext.get_current()
     saved = list(context.custom_execution_callback_classes)
     try:
+        context.custom_execution_callback_classes[:] = [c for c in saved if c is not IdleBackoff]
+        if not backoff:
+            monkeypatch.setenv("MDFER_DATA_IDLE_BACKOFF", "0")  # the benchmark's switch
         configure_data_context()
         configure_data_context()  # idempotent
-        assert context.custom_execution_callback_classes.count(IdleBackoff) == 1
-        if not backoff:
-            context.custom_execution_callback_classes.remove(IdleBackoff)
+        assert context.custom_execution_callback_classes.count(IdleBackoff) == int(backoff)
         context.custom_execution_callback_classes.append(_CountSteps)
         _CountSteps.steps = 0
         dataset = ray.data.range(64, override_num_blocks=8).map_batches(lambda b: b, batch_size=8)
