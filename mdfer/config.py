@@ -23,8 +23,8 @@ DEMO_CONFIG = "demo.yaml"  # `mdfer pipeline` with no --config
 GIVEN_SPLIT_NAMES = ("train", "val", "test")
 WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its own
 DOMAIN_HEAD = "domain"
-# names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
 LR_SCHEDULES = ("constant", "cosine")
+# names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
 RESERVED_NAMES = ("image", "preprocess", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
 
@@ -81,7 +81,7 @@ class StageConfig:
     frozen_fraction: float
     epochs: int
     patience: int = 3
-    lr_schedule: str = "constant"  # constant | cosine (per epoch, from lr down to ~0 at the last)
+    lr_schedule: str = "constant"  # constant | cosine (per epoch, from lr towards 0 at the stage's end)
 
 
 @dataclass

@@ -81,6 +81,14 @@ def test_train_step_learns_and_respects_freezing(strategy):
     }
     np.testing.assert_array_equal(targets["label"].numpy(), batch["label"].numpy())
 
+    # The LR is read from its variable by the traced step: an LR assigned later (the per-epoch
+    # schedule) takes effect without retracing. At 0 no trainable weight moves.
+    optimizer.learning_rate.assign(0.0)
+    trainable_before = [w.numpy() for w in model.trainable_weights]
+    step(batch)
+    for old, new in zip(trainable_before, (w.numpy() for w in model.trainable_weights)):
+        np.testing.assert_array_equal(old, new)
+
     # A new stage changes the trainable set: the old optimizer must not be reused.
     # (Freezing more rather than less keeps the retrace cheap; the mechanism is the same.)
     set_trainable_fraction(model, 1.0)
