@@ -119,3 +119,13 @@ def test_cosine_schedule_decays_per_epoch_and_constant_does_not(tmp_path):
     assert cosine == sorted(cosine, reverse=True) and len(set(cosine)) == 4
     assert 0 < cosine[-1] < 0.2e-3  # the last epoch still learns, a little
     assert [epoch_lr(stages[1], epoch) for epoch in (1, 5)] == [stages[1].lr] * 2  # default: constant
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEFAULT.parent.glob("*.yaml")))
+def test_every_packaged_config_loads(name):
+    config = load_config(DEFAULT.parent / name)
+    assert config.train.stages and config.data.domains
+    if name == "fer2013_sfew.yaml":  # the real run's config: the data roots come from the command line
+        assert [d.name for d in config.data.domains] == ["fer2013", "sfew"]
+        with pytest.raises(ConfigError, match=r"data.domains\[0\].root \(fer2013\): missing"):
+            require_roots(config)
