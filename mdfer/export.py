@@ -126,18 +126,24 @@ def _rename(graph, old: str, new: str) -> None:
 
 
 def split_images(store: Store, manifest: dict, split: str, size: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Up to `limit` (0: all) decoded images of a split with their domain and label."""
+    """Up to `limit` (0: all) decoded images of a split with their domain and label, spread
+    evenly over the split: shards are written dataset by dataset and class by class, so the
+    first rows would be one or two classes (and a misleading macro-F1)."""
     from mdfer.evaluate import iter_split
-    parts, total = [], 0
+    total = sum(s["rows"] for s in manifest["shards"].get(split, []))
+    wanted = np.linspace(0, total - 1, limit).round().astype(int) if 0 < limit < total else None
+    parts, offset = [], 0
     for batch in iter_split(store, manifest, split, size):
-        parts.append(batch)
-        total += len(batch["image"])
-        if limit and total >= limit:
-            break
-    if not parts:
+        n = len(batch["image"])
+        if wanted is None:
+            parts.append(batch)
+        else:
+            rows = wanted[(wanted >= offset) & (wanted < offset + n)] - offset
+            parts.append({k: v[rows] for k, v in batch.items()})
+        offset += n
+    if not offset:
         raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
-    cut = limit or total
-    return tuple(np.concatenate([p[k] for p in parts])[:cut] for k in ("image", "domain", "label"))
+    return tuple(np.concatenate([p[k] for p in parts]) for k in ("image", "domain", "label"))
 
 
 def _max_diff(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:

@@ -172,3 +172,15 @@ def test_predict_bad_input_is_one_clear_line(exported, tmp_path, case):
     done = run_mdfer("predict", *args)
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+
+
+def test_image_samples_spread_over_the_whole_split(synth_dataset):
+    """Shards are written class by class: a limited sample must not be the first classes only."""
+    from mdfer.export import split_images
+
+    store, manifest = synth_dataset["store"], synth_dataset["manifest"]
+    _, all_domains, all_labels = split_images(store, manifest, "test", 32, 0)
+    limit = len(all_labels) // 3
+    images, domains, labels = split_images(store, manifest, "test", 32, limit)
+    assert images.shape == (limit, 32, 32, 3) and len(domains) == len(labels) == limit
+    assert {*zip(domains, labels)} == {*zip(all_domains, all_labels)}  # every (dataset, class) pair
