@@ -24,15 +24,22 @@ from mdfer.stream import EVAL_BATCH, DecodeBatch
 
 
 def iter_split(store: Store, manifest: dict, split: str, image_size: int,
-               batch_size: int = EVAL_BATCH) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded batches of one split, shard by shard, in the order they were written."""
+               batch_size: int = EVAL_BATCH, rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded batches of one split, shard by shard, in the order they were written.
+    `rows`: only these sorted row numbers of the split (counted over its shards in order), and
+    only they are decoded."""
     if split not in manifest["shards"]:
         raise MdferError(f"dataset {manifest['dataset_id']} has no split {split!r} "
                          f"(it has {', '.join(manifest['shards'])})")
     decode = DecodeBatch(image_size)
+    offset = 0
     for shard in manifest["shards"][split]:
         table = pq.read_table(io.BytesIO(store.read_bytes(f"{dataset_key(manifest['dataset_id'])}/{shard['file']}")),
                               columns=["image", "domain_index", "label"])
+        if rows is not None:
+            local = rows[(rows >= offset) & (rows < offset + table.num_rows)] - offset
+            offset += table.num_rows
+            table = table.take(local)
         for start in range(0, table.num_rows, batch_size):
             chunk = table.slice(start, batch_size)
             yield decode({name: chunk.column(name).to_numpy(zero_copy_only=False)

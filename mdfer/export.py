@@ -131,17 +131,9 @@ def split_images(store: Store, manifest: dict, split: str, size: int, limit: int
     first rows would be one or two classes (and a misleading macro-F1)."""
     from mdfer.evaluate import iter_split
     total = sum(s["rows"] for s in manifest["shards"].get(split, []))
-    wanted = np.linspace(0, total - 1, limit).round().astype(int) if 0 < limit < total else None
-    parts, offset = [], 0
-    for batch in iter_split(store, manifest, split, size):
-        n = len(batch["image"])
-        if wanted is None:
-            parts.append(batch)
-        else:
-            rows = wanted[(wanted >= offset) & (wanted < offset + n)] - offset
-            parts.append({k: v[rows] for k, v in batch.items()})
-        offset += n
-    if not offset:
+    rows = np.linspace(0, total - 1, limit).round().astype(int) if 0 < limit < total else None
+    parts = list(iter_split(store, manifest, split, size, rows=rows))
+    if not parts:
         raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
     return tuple(np.concatenate([p[k] for p in parts]) for k in ("image", "domain", "label"))
 
