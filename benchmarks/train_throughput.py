@@ -2,7 +2,7 @@
 
 One run, on the same prepared shards, image size, global batch and stage settings:
 
-  (a) plain loop: one process, no Ray: `build_model` + `make_train_step` under OneDeviceStrategy,
+  (a) plain loop: one process, no Ray: `model_from_config` + `make_train_step` under OneDeviceStrategy,
       fed pre-decoded in-memory batches with the same per-dataset mix as the stream, TensorFlow
       threads set exactly as a 1-CPU Ray Train worker sets them (1 intra-op thread);
   (a/2) diagnostic: the same plain loop at half the global batch, i.e. what each worker of (c)
@@ -210,7 +210,7 @@ def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
     import keras
     import tensorflow as tf
 
-    from mdfer.model import build_model, set_trainable_fraction
+    from mdfer.model import model_from_config, set_trainable_fraction
     from mdfer.stages import class_weights
     from mdfer.steps import make_train_step
     from mdfer.stream import BATCH_KEYS, plan_epoch
@@ -223,8 +223,7 @@ def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     classes = {d.name: d.classes for d in config.data.domains}
     with strategy.scope():
-        model = build_model([(n, len(c)) for n, c in classes.items()], config.model.image_size,
-                            dropout=config.model.dropout)
+        model = model_from_config(config)
     set_trainable_fraction(model, stage.frozen_fraction)
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate=stage.lr)

@@ -25,7 +25,7 @@ WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its o
 DOMAIN_HEAD = "domain"
 LR_SCHEDULES = ("constant", "cosine")
 # names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
-RESERVED_NAMES = ("image", "preprocess", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
+RESERVED_NAMES = ("image", "preprocess", "lowpass", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
 
 @dataclass
@@ -66,11 +66,15 @@ class StreamConfig:
     shuffle_buffer: int = 1024
 
 
+ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "input_lowpass", 0))
+
+
 @dataclass
 class ModelConfig:
     image_size: int = 64
     weights: str = "none"  # none | imagenet | path or s3:// URI of a weights file
     dropout: float = 0.2
+    input_lowpass: int = 0  # 0 = off; an odd width w: every input blurred by 3 passes of a w x w mean
 
 
 @dataclass
@@ -131,6 +135,12 @@ class Config:
         out.pop("export")  # how a trained model is exported does not change the training
         for domain in out["data"]["domains"]:
             domain.pop("root")
+        # Options added after the first release count only when used, so a config that does not
+        # use them keeps its run id (mdfer pipeline's automatic one) across upgrades.
+        for section, key, default in ADDED_OPTIONS:
+            for entry in (out["train"]["stages"] if section == "stages" else [out[section]]):
+                if entry.get(key) == default:
+                    entry.pop(key)
         return out
 
 
@@ -284,6 +294,9 @@ def validate(config: Config) -> None:
     model = config.model
     need(model.image_size >= 32, "model.image_size", f"{model.image_size} is below 32")
     need(0 <= model.dropout < 1, "model.dropout", f"{model.dropout} is outside [0, 1)")
+    need(model.input_lowpass == 0 or (model.input_lowpass % 2 == 1 and 3 <= model.input_lowpass < model.image_size),
+         "model.input_lowpass", f"{model.input_lowpass} is neither 0 (off) nor an odd width from 3 to below "
+         f"model.image_size ({model.image_size})")
     need(bool(model.weights), "model.weights", "use none, imagenet, or a path / s3:// URI")
 
     stream = config.stream

@@ -59,8 +59,8 @@ def evaluate_model(model, store: Store, manifest: dict, split: str, classes: dic
 
 def load_for_eval(config: Config, weights_uri: str):
     """Build the configured model and load weights (a .weights.h5 or .keras, local or s3://)."""
-    from mdfer.model import build_model, load_weights_file
-    model = build_model([(d.name, len(d.classes)) for d in config.data.domains], config.model.image_size)
+    from mdfer.model import load_weights_file, model_from_config
+    model = model_from_config(config)
     with tempfile.TemporaryDirectory() as folder:
         load_weights_file(model, local_copy(weights_uri, folder))
     return model

@@ -64,6 +64,7 @@ class ScannedFile:
     label_name: str = ""
     width: int = 0
     height: int = 0
+    sharpness: float = 0.0  # see `sharpness`
     reason: str = ""  # why it was rejected; empty when accepted
 
 
@@ -78,6 +79,20 @@ class Plan:
 
 
 # ---------------------------------------------------------------- scan
+
+SHARPNESS_SIDE = 48  # measured at one size, so splits and datasets of any resolution compare
+SHARPNESS_SHIFT = 4.0  # a split this many times blurrier than another of its dataset is a warning
+
+
+def sharpness(gray: Image.Image) -> float:
+    """Variance of the 4-neighbour Laplacian at SHARPNESS_SIDE px: ~0 for a blurred face,
+    hundreds to thousands for a sharp one. A train split far blurrier than test (the
+    fer2013-dev train set is) teaches the model a look it will not meet at test or in use."""
+    pixels = np.asarray(gray.resize((SHARPNESS_SIDE, SHARPNESS_SIDE), Image.BILINEAR), np.float32)
+    laplacian = (pixels[:-2, 1:-1] + pixels[2:, 1:-1] + pixels[1:-1, :-2] + pixels[1:-1, 2:]
+                 - 4 * pixels[1:-1, 1:-1])
+    return float(laplacian.var())
+
 
 
 def _list_domain(domain: DomainConfig) -> list[tuple[str, str, int]]:
@@ -130,7 +145,9 @@ def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, split: str, r
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             scanned.width, scanned.height = image.size
-            extrema = image.convert("L").getextrema()
+            gray = image.convert("L")
+            extrema = gray.getextrema()
+            scanned.sharpness = sharpness(gray)
     except UnidentifiedImageError:
         scanned.reason = "not an image"
         return scanned
@@ -287,6 +304,39 @@ def _counts(config: Config, rows: list[tuple[ScannedFile, str]]) -> dict:
             for d in config.data.domains}
 
 
+def _sharpness(config: Config, rows: list[tuple[ScannedFile, str]]) -> dict:
+    """Per dataset and split: the spread of `sharpness` (10th, 50th, 90th percentile)."""
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for f, split in rows:
+        values[(f.domain, split)].append(f.sharpness)
+    return {d.name: {s: {"n": len(v), **{f"p{q}": round(float(np.percentile(v, q)), 1) for q in (10, 50, 90)}}
+                     for s in SPLITS if (v := values[(d.name, s)])}
+            for d in config.data.domains}
+
+
+def sharpness_warnings(stats: dict) -> list[str]:
+    """One line per split whose median sharpness is SHARPNESS_SHIFT times or more off its train split's."""
+    warnings = []
+    for domain, splits in stats.items():
+        if "train" not in splits:
+            continue
+        train = max(splits["train"]["p50"], 0.1)
+        for split, other in splits.items():
+            ratio = max(other["p50"], 0.1) / train
+            if split != "train" and max(ratio, 1 / ratio) >= SHARPNESS_SHIFT:
+                warnings.append(
+                    f"{domain}: the train images are {max(ratio, 1 / ratio):.0f}x "
+                    f"{'blurrier' if ratio > 1 else 'sharper'} than the {split} images (median sharpness "
+                    f"{splits['train']['p50']} vs {other['p50']}); the model learns a look it will not meet "
+                    f"at {split} time. See README 'Sharpness shift' (model.input_lowpass)")
+    return warnings
+
+
+def _warn(manifest: dict) -> None:
+    for warning in manifest.get("warnings", []):  # older manifests have none
+        log.warning(warning)
+
+
 def prepare(config: Config, store: Store) -> dict:
     """Write the dataset to the store unless a complete one with the same id is already there."""
     require_roots(config)
@@ -297,6 +347,7 @@ def prepare(config: Config, store: Store) -> dict:
     if store.exists(f"{prefix}/manifest.json"):
         log.info("dataset %s is already complete at %s: nothing to do", ds_id, store.key_uri(prefix))
         manifest = store.read_json(f"{prefix}/manifest.json")
+        _warn(manifest)
         manifest["skipped"] = True
         return manifest
     store.delete_prefix(f"{prefix}/shards")  # leftovers of an interrupted run of this same id
@@ -323,6 +374,7 @@ def prepare(config: Config, store: Store) -> dict:
                     bar.update(len(chunk))
 
     n_duplicates = sum(len(d["dropped"]) for d in result.duplicates)
+    sharpness_stats = _sharpness(config, result.rows)
     manifest = {
         "dataset_id": ds_id,
         "schema_version": SCHEMA_VERSION,
@@ -334,12 +386,15 @@ def prepare(config: Config, store: Store) -> dict:
                    "rejected": len(result.rejected), "duplicates": n_duplicates,
                    "duplicate_groups": len(result.duplicates),
                    "conflicting_label_groups": sum(d["conflicting_labels"] for d in result.duplicates)},
+        "sharpness": sharpness_stats,
+        "warnings": sharpness_warnings(sharpness_stats),
         "rejected": result.rejected,
         "duplicates": result.duplicates,
         "shards": shards,
     }
     assert result.scanned == len(result.rows) + len(result.rejected) + n_duplicates
     store.write_json(f"{prefix}/manifest.json", manifest)  # last: seals the dataset
+    _warn(manifest)
     manifest["skipped"] = False
     return manifest
 
@@ -361,6 +416,9 @@ def summary_lines(manifest: dict) -> list[str]:
     for domain, splits in manifest["counts"].items():
         sizes = ", ".join(f"{s} {sum(c.values())}" for s, c in splits.items())
         lines.append(f"  {domain}: {sizes}")
+    for domain, splits in manifest.get("sharpness", {}).items():  # older manifests lack it
+        medians = ", ".join(f"{s} {v['p50']}" for s, v in splits.items())
+        lines.append(f"  {domain} median sharpness (Laplacian variance at {SHARPNESS_SIDE} px): {medians}")
     reasons = Counter(r["reason"].split(":")[0] for r in manifest["rejected"])
     for reason, n in sorted(reasons.items()):
         lines.append(f"  rejected {n}: {reason}")

@@ -4,6 +4,7 @@ domain head.
 Layout (names are part of the contract; export, freezing and checkpoints look them up):
 
     image [B,H,W,3] 0..255  ->  "preprocess" (Normalization, no weights)
+                            ->  "lowpass"    (only with input_lowpass > 0: a fixed blur, no weights)
                             ->  "backbone"   (EfficientNetV2B0, nested keras.Model)
                             ->  "pool" (global average) -> "head_dropout"
                             ->  one Dense softmax per dataset, named by the dataset
@@ -21,15 +22,17 @@ import warnings
 import keras
 from keras import layers
 
-from mdfer.config import DOMAIN_HEAD, RESERVED_NAMES
+from mdfer.config import DOMAIN_HEAD, RESERVED_NAMES, Config
 from mdfer.errors import ConfigError
 
 INPUT = "image"
 PREPROCESS = "preprocess"
+LOWPASS = "lowpass"
+LOWPASS_PASSES = 3  # three box blurs are within a few percent of a Gaussian
 BACKBONE = "backbone"
 POOL = "pool"
 HEAD_DROPOUT = "head_dropout"
-_RESERVED = {INPUT, PREPROCESS, BACKBONE, POOL, HEAD_DROPOUT, DOMAIN_HEAD}
+_RESERVED = {INPUT, PREPROCESS, LOWPASS, BACKBONE, POOL, HEAD_DROPOUT, DOMAIN_HEAD}
 assert _RESERVED == set(RESERVED_NAMES), "keep config.RESERVED_NAMES in step with the layer names"
 
 # What EfficientNetV2's include_preprocessing=True does: Rescaling(1/255), then
@@ -46,17 +49,34 @@ def preprocess_constants() -> tuple[list[float], list[float]]:
     return mean, std
 
 
+def lowpass_sigma(width: int) -> float:
+    """The Gaussian sigma (px at the model's input size) that `input_lowpass` = width approximates."""
+    return math.sqrt(LOWPASS_PASSES * (width * width - 1) / 12) if width else 0.0
+
+
+def lowpass(width: int) -> keras.Sequential:
+    """LOWPASS_PASSES passes of a width x width mean filter, stride 1. Built from pooling
+    layers, so it has no weights (checkpoints and weight files load with or without it),
+    every runtime has it (TFLite AVERAGE_POOL_2D, ONNX AveragePool, Hailo avgpool), and,
+    as padding is left out of each mean, it commutes with the per-channel normalization."""
+    return keras.Sequential(
+        [layers.AveragePooling2D(width, strides=1, padding="same", name=f"{LOWPASS}_{i}")
+         for i in range(1, LOWPASS_PASSES + 1)], name=LOWPASS)
+
+
 def build_model(
     domains: list[tuple[str, int]],
     image_size: int,
     weights: str | None = None,
     dropout: float = 0.2,
+    input_lowpass: int = 0,
 ) -> keras.Model:
     """Build the multi-head model.
 
     weights: None or "none" = random init; "imagenet" = Keras's ImageNet backbone weights
     (downloads: needs internet); otherwise a local `.weights.h5` or `.keras` path, see
-    `load_weights_file`.
+    `load_weights_file`. input_lowpass: 0, or the odd width of the `lowpass` filter that every
+    input goes through, in training and in every export alike.
     """
     _check_domains(domains)
     source = None if weights is None or str(weights).lower() == "none" else str(weights)
@@ -67,6 +87,8 @@ def build_model(
     inputs = keras.Input(shape, name=INPUT)
     mean, std = preprocess_constants()
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name=PREPROCESS)(inputs)
+    if input_lowpass:
+        x = lowpass(input_lowpass)(x)
 
     backbone = keras.applications.EfficientNetV2B0(
         include_top=False,
@@ -87,6 +109,12 @@ def build_model(
     if source is not None and source != "imagenet":
         load_weights_file(model, source)
     return model
+
+
+def model_from_config(config: Config, weights: str | None = None) -> keras.Model:
+    """The model a config describes (the one place that reads config.model)."""
+    return build_model([(d.name, len(d.classes)) for d in config.data.domains], config.model.image_size,
+                       weights=weights, dropout=config.model.dropout, input_lowpass=config.model.input_lowpass)
 
 
 def _check_domains(domains: list[tuple[str, int]]) -> None:
@@ -206,8 +234,10 @@ def without_preprocess(model: keras.Model) -> keras.Model:
     """The same network (shared layers and weights) minus the "preprocess" layer: its
     input is already normalized. For export targets that normalize elsewhere (Hailo)."""
     backbone = model.get_layer(BACKBONE)
-    inputs = keras.Input(backbone.input_shape[1:], name=INPUT)
-    x = backbone(inputs)
+    inputs = x = keras.Input(backbone.input_shape[1:], name=INPUT)
+    if LOWPASS in {layer.name for layer in model.layers}:
+        x = model.get_layer(LOWPASS)(x)
+    x = backbone(x)
     x = model.get_layer(POOL)(x)
     x = model.get_layer(HEAD_DROPOUT)(x)
     outputs = {name: model.get_layer(name)(x) for name in model.output_names}

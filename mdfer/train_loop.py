@@ -105,7 +105,7 @@ def train_stage(loop_config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
-    from mdfer.model import build_model, load_weights_file, set_trainable_fraction
+    from mdfer.model import load_weights_file, model_from_config, set_trainable_fraction
     from mdfer.steps import make_predict_step, make_train_step
 
     config: Config = config_from_dict(loop_config["config"], loop_config["config_source"])
@@ -124,9 +124,7 @@ def train_stage(loop_config: dict) -> None:
     init_weights = loop_config.get("init_weights")
     checkpoint = ray.train.get_checkpoint()
     with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
-        model = build_model([(n, len(c)) for n, c in classes.items()], config.model.image_size,
-                            weights="imagenet" if init_weights == "imagenet" and not checkpoint else None,
-                            dropout=config.model.dropout)
+        model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None)
     state = {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
     if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
         with checkpoint.as_directory() as folder:

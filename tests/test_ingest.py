@@ -219,3 +219,37 @@ def test_wrong_s3_credentials_fail_before_work(tmp_path, s3_env, s3_prefix, monk
     message = str(error.value)
     assert message.startswith(s3_prefix)
     assert "wrong-secret-value-123" not in message and s3_env.access_key not in message
+
+
+def test_train_far_blurrier_than_test_is_a_warning_with_figures(tmp_path, caplog):
+    """The shift that sank the first real run (fer2013-dev's train images are all blurred)."""
+    from PIL import ImageFilter
+
+    from mdfer.ingest import summary_lines
+
+    root = tmp_path / "fer"
+    synth.write_fer_like(root, train_per_class=10, test_per_class=3, seed=5)
+    store = Store(str(tmp_path / "store"))
+    sharp = prepare(fer_only(str(root)), store)
+    assert sharp["warnings"] == []
+    for path in (root / "train").rglob("*.jpg"):
+        with Image.open(path) as image:
+            image.filter(ImageFilter.GaussianBlur(2.5)).save(path, quality=95)
+
+    with caplog.at_level("WARNING", logger="mdfer.ingest"):
+        blurred = prepare(fer_only(str(root)), store)
+    stats = blurred["sharpness"]["fer2013"]
+    assert set(stats) == {"train", "val", "test"} and stats["test"]["n"] == 7 * 3
+    assert stats["train"]["p10"] <= stats["train"]["p50"] <= stats["train"]["p90"]
+    assert stats["test"]["p50"] == sharp["sharpness"]["fer2013"]["test"]["p50"]  # test untouched
+    assert stats["test"]["p50"] > 4 * stats["train"]["p50"]
+    [warning] = blurred["warnings"]
+    assert warning.startswith("fer2013: the train images are ") and "blurrier than the test images" in warning
+    assert stats["val"]["p50"] < 4 * stats["train"]["p50"]  # carved from train: blurred alike, no warning
+    assert f"{stats['test']['p50']}" in warning and "model.input_lowpass" in warning
+    assert warning in caplog.text
+    assert any(line.startswith("  fer2013 median sharpness") for line in summary_lines(blurred))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mdfer.ingest"):
+        assert prepare(fer_only(str(root)), store)["skipped"]
+    assert warning in caplog.text  # said again when the dataset is reused

@@ -11,9 +11,12 @@ import pytest
 from mdfer.errors import ConfigError
 from mdfer.model import (
     BACKBONE,
+    LOWPASS,
     PREPROCESS,
     backbone_layers,
     build_model,
+    lowpass,
+    lowpass_sigma,
     preprocess_constants,
     set_trainable_fraction,
     without_preprocess,
@@ -91,6 +94,41 @@ def test_without_preprocess_shares_weights(model):
     normalized = (images - np.array(mean, "float32")) / np.array(std, "float32")
     for name, value in _predict(stripped, normalized).items():
         np.testing.assert_allclose(value, _predict(model, images)[name], rtol=1e-4, atol=1e-6)
+
+
+def test_lowpass_is_the_gaussian_it_claims_and_keeps_flat_images_flat():
+    blur = lowpass(5)
+    impulse = np.zeros((1, 41, 41, 1), "float32")
+    impulse[0, 20, 20, 0] = 1.0
+    response = np.asarray(blur(impulse))[0, :, :, 0]
+    offsets = np.arange(41) - 20
+    assert response.sum() == pytest.approx(1.0, rel=1e-5)
+    # the spread of the impulse response along one axis is the claimed sigma squared
+    assert (response.sum(axis=0) * offsets**2).sum() == pytest.approx(lowpass_sigma(5) ** 2, rel=1e-4)
+    assert lowpass_sigma(5) == pytest.approx(6**0.5) and lowpass_sigma(0) == 0
+    # padding is not averaged in: a flat image stays flat up to its borders
+    flat = np.full((1, 12, 12, 3), -1.7, "float32")
+    np.testing.assert_allclose(np.asarray(blur(flat)), flat, rtol=1e-6)
+
+
+def test_lowpass_model_loads_plain_weights_and_strips_preprocess(model, tmp_path):
+    path = str(tmp_path / "plain.weights.h5")
+    model.save_weights(path)
+    blurred = build_model(DOMAINS, image_size=SIZE, weights=path, input_lowpass=3)
+    assert [layer.name for layer in blurred.layers][1:3] == [PREPROCESS, LOWPASS]
+    assert not blurred.get_layer(LOWPASS).weights
+    flat = np.full((1, SIZE, SIZE, 3), 90.0, "float32")  # the blur leaves it as it is
+    for name, value in _predict(blurred, flat).items():
+        np.testing.assert_allclose(value, _predict(model, flat)[name], rtol=1e-4, atol=1e-6)
+    images = _images(2)
+    assert not np.allclose(_predict(blurred, images)["fer2013"], _predict(model, images)["fer2013"], atol=1e-4)
+    # the Hailo form keeps the blur: only the normalization moves out
+    stripped = without_preprocess(blurred)
+    assert LOWPASS in [layer.name for layer in stripped.layers]
+    mean, std = preprocess_constants()
+    normalized = (images - np.array(mean, "float32")) / np.array(std, "float32")
+    for name, value in _predict(stripped, normalized).items():
+        np.testing.assert_allclose(value, _predict(blurred, images)[name], rtol=1e-4, atol=1e-6)
 
 
 def _frozen_names(model):
