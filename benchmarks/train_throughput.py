@@ -223,7 +223,7 @@ def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     classes = {d.name: d.classes for d in config.data.domains}
     with strategy.scope():
-        model = model_from_config(config)
+        model = model_from_config(config, training=True)
     set_trainable_fraction(model, stage.frozen_fraction)
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate=stage.lr)

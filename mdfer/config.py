@@ -66,7 +66,7 @@ class StreamConfig:
     shuffle_buffer: int = 1024
 
 
-ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "input_lowpass", 0))
+ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_lowpass", 0))
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ModelConfig:
     image_size: int = 64
     weights: str = "none"  # none | imagenet | path or s3:// URI of a weights file
     dropout: float = 0.2
-    input_lowpass: int = 0  # 0 = off; an odd width w: every input blurred by 3 passes of a w x w mean
+    inference_lowpass: int = 0  # 0 = off; odd w: evaluation and exports blur every input (3 passes of a w x w mean)
 
 
 @dataclass
@@ -294,8 +294,8 @@ def validate(config: Config) -> None:
     model = config.model
     need(model.image_size >= 32, "model.image_size", f"{model.image_size} is below 32")
     need(0 <= model.dropout < 1, "model.dropout", f"{model.dropout} is outside [0, 1)")
-    need(model.input_lowpass == 0 or (model.input_lowpass % 2 == 1 and 3 <= model.input_lowpass < model.image_size),
-         "model.input_lowpass", f"{model.input_lowpass} is neither 0 (off) nor an odd width from 3 to below "
+    need(model.inference_lowpass == 0 or (model.inference_lowpass % 2 == 1 and 3 <= model.inference_lowpass < model.image_size),
+         "model.inference_lowpass", f"{model.inference_lowpass} is neither 0 (off) nor an odd width from 3 to below "
          f"model.image_size ({model.image_size})")
     need(bool(model.weights), "model.weights", "use none, imagenet, or a path / s3:// URI")
 

@@ -328,7 +328,7 @@ def sharpness_warnings(stats: dict) -> list[str]:
                     f"{domain}: the train images are {max(ratio, 1 / ratio):.0f}x "
                     f"{'blurrier' if ratio > 1 else 'sharper'} than the {split} images (median sharpness "
                     f"{splits['train']['p50']} vs {other['p50']}); the model learns a look it will not meet "
-                    f"at {split} time. See README 'Sharpness shift' (model.input_lowpass)")
+                    f"at {split} time. See README 'Sharpness shift' (model.inference_lowpass)")
     return warnings
 
 

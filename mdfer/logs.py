@@ -45,3 +45,12 @@ def setup_logging(debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("botocore", "urllib3", "s3transfer", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def worker_line(text: str) -> None:
+    """One progress line from a Ray Train worker, said once. Ray 2.60's Train patches `print`
+    to log to its console handler and also to print when sys.stdout is wrapped, which it is
+    in every Ray worker: each printed line reached the driver twice."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(redact(text) + "\n")
+    stream.flush()

@@ -4,7 +4,7 @@ domain head.
 Layout (names are part of the contract; export, freezing and checkpoints look them up):
 
     image [B,H,W,3] 0..255  ->  "preprocess" (Normalization, no weights)
-                            ->  "lowpass"    (only with input_lowpass > 0: a fixed blur, no weights)
+                            ->  "lowpass"    (inference only, with model.inference_lowpass: a fixed blur, no weights)
                             ->  "backbone"   (EfficientNetV2B0, nested keras.Model)
                             ->  "pool" (global average) -> "head_dropout"
                             ->  one Dense softmax per dataset, named by the dataset
@@ -50,7 +50,7 @@ def preprocess_constants() -> tuple[list[float], list[float]]:
 
 
 def lowpass_sigma(width: int) -> float:
-    """The Gaussian sigma (px at the model's input size) that `input_lowpass` = width approximates."""
+    """The Gaussian sigma (px at the model's input size) that a `lowpass` of this width approximates."""
     return math.sqrt(LOWPASS_PASSES * (width * width - 1) / 12) if width else 0.0
 
 
@@ -75,8 +75,8 @@ def build_model(
 
     weights: None or "none" = random init; "imagenet" = Keras's ImageNet backbone weights
     (downloads: needs internet); otherwise a local `.weights.h5` or `.keras` path, see
-    `load_weights_file`. input_lowpass: 0, or the odd width of the `lowpass` filter that every
-    input goes through, in training and in every export alike.
+    `load_weights_file`. input_lowpass: 0, or the odd width of a `lowpass` filter that every
+    input goes through.
     """
     _check_domains(domains)
     source = None if weights is None or str(weights).lower() == "none" else str(weights)
@@ -111,10 +111,14 @@ def build_model(
     return model
 
 
-def model_from_config(config: Config, weights: str | None = None) -> keras.Model:
-    """The model a config describes (the one place that reads config.model)."""
+def model_from_config(config: Config, weights: str | None = None, training: bool = False) -> keras.Model:
+    """The model a config describes (the one place that reads config.model). For inference
+    (evaluation, export) its inputs go through model.inference_lowpass: the blur that brings
+    sharp test and camera images to the look of blurred training data. Training and its
+    validation (carved from train, so blurred alike) run without it; the weights are the same."""
     return build_model([(d.name, len(d.classes)) for d in config.data.domains], config.model.image_size,
-                       weights=weights, dropout=config.model.dropout, input_lowpass=config.model.input_lowpass)
+                       weights=weights, dropout=config.model.dropout,
+                       input_lowpass=0 if training else config.model.inference_lowpass)
 
 
 def _check_domains(domains: list[tuple[str, int]]) -> None:

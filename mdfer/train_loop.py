@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mdfer.config import DOMAIN_HEAD, Config, StageConfig, config_from_dict
+from mdfer.logs import worker_line
 from mdfer.storage import Store, local_copy
 from mdfer.stream import EVAL_BATCH, TRAIN_PREFIX, EpochPlan, iter_train_batches
 
@@ -124,17 +125,20 @@ def train_stage(loop_config: dict) -> None:
     init_weights = loop_config.get("init_weights")
     checkpoint = ray.train.get_checkpoint()
     with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
-        model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None)
+        model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None,
+                                  training=True)
     state = {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
     if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
         with checkpoint.as_directory() as folder:
             model.load_weights(Path(folder) / WEIGHTS_FILE)
             state = json.loads((Path(folder) / STATE_FILE).read_text())
         if rank == 0:
-            print(f"{stage.name}: resuming after epoch {state['epoch']}", flush=True)
+            worker_line(f"{stage.name}: resuming after epoch {state['epoch']}")
     elif init_weights and init_weights != "imagenet":  # the previous stage's best, or a file
         with tempfile.TemporaryDirectory() as folder:
-            load_weights_file(model, local_copy(init_weights, folder))
+            loaded = load_weights_file(model, local_copy(init_weights, folder))
+        if rank == 0:
+            worker_line(f"{stage.name}: starting from {init_weights} ({', '.join(loaded)})")
     summary = set_trainable_fraction(model, stage.frozen_fraction)
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate=stage.lr)
@@ -143,9 +147,9 @@ def train_stage(loop_config: dict) -> None:
                                  plan.global_batch_size, config.train.label_smoothing, class_weights)
     predict_step = make_predict_step(strategy, model)
     if rank == 0 and state["epoch"] == 0:
-        print(f"{stage.name}: lr {stage.lr:g}, frozen {summary['n_frozen']}/{summary['n_backbone_layers']} "
-              f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
-              f"per epoch on {world} worker(s)", flush=True)
+        worker_line(f"{stage.name}: lr {stage.lr:g}, frozen {summary['n_frozen']}/{summary['n_backbone_layers']} "
+                    f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
+                    f"per epoch on {world} worker(s)")
 
     board = TensorBoard(loop_config.get("tensorboard_uri")) if rank == 0 else None
     train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
@@ -154,8 +158,7 @@ def train_stage(loop_config: dict) -> None:
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
         if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
             if rank == 0:
-                print(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)",
-                      flush=True)
+                worker_line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
             break
         optimizer.learning_rate.assign(epoch_lr(stage, epoch))
         started = time.perf_counter()
@@ -189,11 +192,10 @@ def train_stage(loop_config: dict) -> None:
         if rank == 0:
             heads = " ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()
                              if k.startswith("val_") and k != "val_macro_f1")
-            print(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2g} "
-                  f"val_macro_f1 {metrics['val_macro_f1']:.4f} ({heads}) "
-                  f"{metrics['images_per_second']:.0f} img/s, {data_wait:.1f}s of {train_seconds:.1f}s "
-                  f"waiting for data{'  *best*' if metrics['is_best'] else ''}",
-                  flush=True)
+            worker_line(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2g} "
+                        f"val_macro_f1 {metrics['val_macro_f1']:.4f} ({heads}) "
+                        f"{metrics['images_per_second']:.0f} img/s, {data_wait:.1f}s of {train_seconds:.1f}s "
+                        f"waiting for data{'  *best*' if metrics['is_best'] else ''}")
         if board:
             board.write(epoch, metrics)
         with tempfile.TemporaryDirectory() as folder:

@@ -122,7 +122,7 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> dict:
         root, fer_train=150, fer_test=10, fane=120, seed=21,
         edit=lambda raw: (raw.update(export={"calib_images": 64, "representative_images": 32, "parity_images": 0}),
                           raw["train"]["stages"][2].update(lr_schedule="cosine"),
-                          raw["model"].update(input_lowpass=3)))
+                          raw["model"].update(inference_lowpass=3)))
     store = Store(str(root / "store"))
     manifest = prepare(load_config(config_path), store)
     return {"root": root, "config": config_path, "store": store, "dataset_id": manifest["dataset_id"],

@@ -42,8 +42,8 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["train"].update(workers=32), "stream.batch_size", "cannot hold one sample"),
     (lambda c: c["train"]["stages"][2].update(lr_schedule="linear"), "train.stages[2].lr_schedule",
      "'linear' is not one of constant, cosine"),
-    (lambda c: c["model"].update(input_lowpass=4), "model.input_lowpass", "neither 0 (off) nor an odd width"),
-    (lambda c: c["model"].update(image_size=32, input_lowpass=33), "model.input_lowpass", "below model.image_size (32)"),
+    (lambda c: c["model"].update(inference_lowpass=4), "model.inference_lowpass", "neither 0 (off) nor an odd width"),
+    (lambda c: c["model"].update(image_size=32, inference_lowpass=33), "model.inference_lowpass", "below model.image_size (32)"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
     path = write(tmp_path, edit)
@@ -110,12 +110,12 @@ def test_options_added_later_change_the_identity_only_when_used():
     """So an upgrade does not move `mdfer pipeline`'s automatic run id for an unchanged config."""
     config = load_config(None, {"fer2013": "/a", "fane": "/b"})
     plain = config.identity()
-    assert "input_lowpass" not in plain["model"] and "lr_schedule" not in plain["train"]["stages"][0]
+    assert "inference_lowpass" not in plain["model"] and "lr_schedule" not in plain["train"]["stages"][0]
     assert plain["model"]["image_size"] == config.model.image_size  # the others stay
-    config.model.input_lowpass = 5
+    config.model.inference_lowpass = 5
     config.train.stages[0].lr_schedule = "cosine"
     used = config.identity()
-    assert used["model"]["input_lowpass"] == 5 and used["train"]["stages"][0]["lr_schedule"] == "cosine"
+    assert used["model"]["inference_lowpass"] == 5 and used["train"]["stages"][0]["lr_schedule"] == "cosine"
     assert "lr_schedule" not in used["train"]["stages"][1]
 
 

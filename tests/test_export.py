@@ -72,7 +72,7 @@ def test_every_format_is_written_with_checksums_and_parity(exported):
     assert alls.startswith("normalization1 = normalization([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])")
     calib = np.load(folder / "hailo/calib.npy")
     assert calib.shape == (64, 48, 48, 3) and calib.dtype == np.float32 and calib.max() > 1  # 0..255 pixels
-    # the run's input lowpass (model.input_lowpass 3) stays in every graph, the Hailo one included
+    # the run's input lowpass (model.inference_lowpass 3) stays in every graph, the Hailo one included
     for name in (TFLITE_FLOAT32, TFLITE_INT8, HAILO_TFLITE):
         assert "AVERAGE_POOL_2D" in hailo.tflite_ops(str(folder / name)), name
 

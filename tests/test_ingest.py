@@ -246,7 +246,7 @@ def test_train_far_blurrier_than_test_is_a_warning_with_figures(tmp_path, caplog
     [warning] = blurred["warnings"]
     assert warning.startswith("fer2013: the train images are ") and "blurrier than the test images" in warning
     assert stats["val"]["p50"] < 4 * stats["train"]["p50"]  # carved from train: blurred alike, no warning
-    assert f"{stats['test']['p50']}" in warning and "model.input_lowpass" in warning
+    assert f"{stats['test']['p50']}" in warning and "model.inference_lowpass" in warning
     assert warning in caplog.text
     assert any(line.startswith("  fer2013 median sharpness") for line in summary_lines(blurred))
     caplog.clear()

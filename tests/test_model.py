@@ -131,6 +131,16 @@ def test_lowpass_model_loads_plain_weights_and_strips_preprocess(model, tmp_path
         np.testing.assert_allclose(value, _predict(blurred, images)[name], rtol=1e-4, atol=1e-6)
 
 
+def test_inference_lowpass_is_left_out_of_training():
+    from mdfer.config import load_config
+    from mdfer.model import model_from_config
+
+    config = load_config(None, {"fer2013": "/a", "fane": "/b"})
+    config.model.image_size, config.model.inference_lowpass = SIZE, 3
+    assert LOWPASS in [layer.name for layer in model_from_config(config).layers]
+    assert LOWPASS not in [layer.name for layer in model_from_config(config, training=True).layers]
+
+
 def _frozen_names(model):
     return [layer.name for layer in backbone_layers(model) if not layer.trainable]
 

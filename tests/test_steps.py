@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mdfer.model import BACKBONE, backbone_layers, build_model, set_trainable_fraction
+from mdfer.model import backbone_layers, build_model, set_trainable_fraction
 from mdfer.steps import make_predict_step, make_train_step
 
 DOMAINS = [("fer2013", 4), ("fane", 4)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -38,7 +39,9 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     assert len(set(metrics["stages"]["stage1"]["history"][i]["lr"] for i in (0, 1))) == 1
     assert metrics["stages"]["stage3"]["history"][-1]["lr"] < 0.2 * stages[2].lr
     # per-epoch lines with the metrics, from the rank-0 worker
-    assert "stage3 epoch 4/4: loss" in done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("stage3 epoch 4/4: loss") == 1  # once, not once per log path
+    # each later stage says what it starts from: the previous stage's best, whole
+    assert re.search(r"stage2: starting from \S*runs/learn/stage1/\S+ \(all\)", done.stdout + done.stderr)
     # TensorBoard event files per stage
     assert any("events.out.tfevents" in k for k in store.list_files("runs/learn/stage1/tensorboard"))
     sealed = {key: Path(store.path(key)).stat().st_mtime_ns for key in store.list_files("runs/learn")
