@@ -114,15 +114,14 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from mdfer.ingest import prepare
     from mdfer.storage import Store
 
-    # the pipeline's demo config (stage 3 on a cosine schedule, inputs through the 3x3 lowpass,
-    # so training and every export carry it): 48 px, no augmentation but flips, 2 + 2 + 4 epochs. Measured:
+    # the pipeline's demo config (stage 3 on a cosine schedule): 48 px, no augmentation but
+    # flips, 2 + 2 + 4 epochs. Measured:
     # a from-scratch EfficientNetV2B0 needs ~300 steps to leave chance on these faces
     root = tmp_path_factory.mktemp("learnable")
     config_path, raw = generated_demo_config(
         root, fer_train=150, fer_test=10, fane=120, seed=21,
         edit=lambda raw: (raw.update(export={"calib_images": 64, "representative_images": 32, "parity_images": 0}),
-                          raw["train"]["stages"][2].update(lr_schedule="cosine"),
-                          raw["model"].update(inference_lowpass=3)))
+                          raw["train"]["stages"][2].update(lr_schedule="cosine")))
     store = Store(str(root / "store"))
     manifest = prepare(load_config(config_path), store)
     return {"root": root, "config": config_path, "store": store, "dataset_id": manifest["dataset_id"],

@@ -72,9 +72,6 @@ def test_every_format_is_written_with_checksums_and_parity(exported):
     assert alls.startswith("normalization1 = normalization([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])")
     calib = np.load(folder / "hailo/calib.npy")
     assert calib.shape == (64, 48, 48, 3) and calib.dtype == np.float32 and calib.max() > 1  # 0..255 pixels
-    # the run's input lowpass (model.inference_lowpass 3) stays in every graph, the Hailo one included
-    for name in (TFLITE_FLOAT32, TFLITE_INT8, HAILO_TFLITE):
-        assert "AVERAGE_POOL_2D" in hailo.tflite_ops(str(folder / name)), name
 
 
 def test_exported_models_load_and_agree(exported):
@@ -134,6 +131,23 @@ def test_preflight_names_an_op_the_hailo_parser_lacks(tmp_path):
     with pytest.raises(MdferError, match=r"tiny.tflite: ops the Hailo-8 parser does not support: SIN \("):
         hailo.preflight(str(path))
     assert "CONV_2D" in hailo.tflite_ops(str(path))
+
+
+def test_inference_lowpass_survives_into_the_hailo_graph(tmp_path):
+    """Export takes the normalization out of the graph for Hailo; the blur must stay in."""
+    from mdfer.model import LOWPASS, build_model, preprocess_constants, without_preprocess
+    from mdfer.predict import TFLiteRunner
+
+    stripped = without_preprocess(build_model([("fer2013", 7), ("fane", 9)], image_size=32, input_lowpass=3))
+    assert LOWPASS in [layer.name for layer in stripped.layers]
+    path = tmp_path / "hailo_model.tflite"
+    path.write_bytes(tflite_bytes(_saved_model(stripped, 32, tmp_path / "saved")))
+    assert "AVERAGE_POOL_2D" in hailo.preflight(str(path))  # the blur, and Hailo-8 takes it
+    mean, std = preprocess_constants()
+    images = (np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)) - mean) / std
+    ours = TFLiteRunner(str(path))(images.astype(np.float32))
+    for head, probs in stripped(images.astype(np.float32), training=False).items():
+        np.testing.assert_allclose(ours[head], np.asarray(probs), atol=FLOAT_TOLERANCE)
 
 
 def test_predict_runs_every_format_on_image_files(exported, tmp_path):

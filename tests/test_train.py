@@ -96,7 +96,7 @@ def _cmdline(pid: int) -> str:
 
 def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     raw = json.loads(json.dumps(learnable["raw"]))
-    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=3, patience=3, lr_schedule="cosine")]
+    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=2, patience=2, lr_schedule="cosine")]
     config = tmp_path / "one_stage.yaml"
     config.write_text(yaml.safe_dump(raw))
     store = learnable["store"]
@@ -119,8 +119,8 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
             process.wait(60)
     assert process.returncode == 0, output[-4000:]
     history = store.read_json("runs/fault/metrics.json")["stages"]["stage1"]["history"]
-    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["epoch"] for row in history] == [1, 2]
     assert "resuming after epoch" in output
     # the resumed epochs continue the cosine schedule rather than restart it
     stage = load_config(config).train.stages[0]
-    assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2, 3)], rel=1e-5)
+    assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2)], rel=1e-5)
