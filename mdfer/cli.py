@@ -95,9 +95,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mdfer.evaluate import evaluate_run
     from mdfer.storage import Store
-    result = evaluate_run(Store(args.store), args.run_id, args.split, args.weights)
+    result = evaluate_run(Store(args.store), args.run_id, args.split, args.weights, args.inference_lowpass)
     _print_headline(result)
-    print(f"report: {args.store}/runs/{args.run_id}/report/{args.split}/")
+    print(f"report: {result['report']}/")
     return 0
 
 
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--weights", help="weights file (.weights.h5/.keras, local or s3://) instead of the run's best")
+    p.add_argument("--inference-lowpass", type=int, metavar="W",
+                   help="score with this input blur instead of the run's model.inference_lowpass "
+                        "(0 = none); report in report/<split>-lowpass<W>/")
 
     p = parsers["pipeline"]
     _config_args(p)

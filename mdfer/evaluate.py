@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from mdfer.config import Config
+from mdfer.config import Config, validate
 from mdfer.errors import MdferError
 from mdfer.ingest import dataset_key, load_manifest
 from mdfer.metrics import sum_confusions, summarize
@@ -66,10 +66,13 @@ def load_for_eval(config: Config, weights_uri: str):
     return model
 
 
-def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | None = None) -> dict:
+def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | None = None,
+                 inference_lowpass: int | None = None) -> dict:
     """Score a finished run's final weights (or `weights`, e.g. a stage's best of an unfinished
     run) on a split, with the run's own config (image size and class order must match the
-    weights), and write the report beside the run."""
+    weights), and write the report beside the run. `inference_lowpass` other than the run's
+    own: what that blur would do to a run already trained (a shift found afterwards); its
+    report goes to report/<split>-lowpass<w>/, beside the run's own."""
     from mdfer.report import write_report
     from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches, run_config, run_key
     finished = store.exists(run_key(run_id, "metrics.json"))
@@ -77,6 +80,12 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
         raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
                          f"or name a checkpoint of it with --weights)")
     config = run_config(store, run_id)
+    report = split
+    if inference_lowpass is not None and inference_lowpass != config.model.inference_lowpass:
+        config.model.inference_lowpass = inference_lowpass
+        config.source = "--inference-lowpass"
+        validate(config)  # names the option and what is wrong with the value
+        report = f"{split}-lowpass{inference_lowpass}"
     history = store.read_json(run_key(run_id, "metrics.json")) if finished else None
     dataset_id = store.read_json(run_key(run_id, "run.json"))["dataset_id"]
     manifest = load_manifest(store, dataset_id)
@@ -85,6 +94,7 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     model = load_for_eval(config, weights)
     classes = {d.name: d.classes for d in config.data.domains}
     result = evaluate_model(model, store, manifest, split, classes, config.model.image_size)
-    result.update(run_id=run_id, dataset_id=dataset_id, split=split, weights=weights)
-    write_report(store, run_key(run_id, "report", split), result, history)
+    result.update(run_id=run_id, dataset_id=dataset_id, split=split, weights=weights,
+                  inference_lowpass=config.model.inference_lowpass, report=store.key_uri(run_key(run_id, "report", report)))
+    write_report(store, run_key(run_id, "report", report), result, history)
     return result

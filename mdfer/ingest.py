@@ -81,7 +81,7 @@ class Plan:
 # ---------------------------------------------------------------- scan
 
 SHARPNESS_SIDE = 48  # measured at one size, so splits and datasets of any resolution compare
-SHARPNESS_SHIFT = 4.0  # a split this many times blurrier than another of its dataset is a warning
+SHARPNESS_SHIFT = 4.0  # a split this many times blurrier or sharper than its train split is a warning
 
 
 def sharpness(gray: Image.Image) -> float:
@@ -92,7 +92,6 @@ def sharpness(gray: Image.Image) -> float:
     laplacian = (pixels[:-2, 1:-1] + pixels[2:, 1:-1] + pixels[1:-1, :-2] + pixels[1:-1, 2:]
                  - 4 * pixels[1:-1, 1:-1])
     return float(laplacian.var())
-
 
 
 def _list_domain(domain: DomainConfig) -> list[tuple[str, str, int]]:

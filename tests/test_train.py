@@ -57,6 +57,18 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     for name in ("confusion_fer2013.png", "confusion_fane.png", "confusion_domain.png", "training_curves.png"):
         assert store.read_bytes(f"runs/learn/report/test/{name}")[:8] == PNG_MAGIC
 
+    # an input blur tried after training: scored apart, the run's own report left as it was
+    blurred = run_mdfer("evaluate", "--store", store.uri, "--run-id", "learn", "--inference-lowpass", "3")
+    assert blurred.returncode == 0, blurred.stderr[-3000:]
+    assert "runs/learn/report/test-lowpass3/" in blurred.stdout
+    tried = store.read_json("runs/learn/report/test-lowpass3/metrics.json")
+    assert tried["inference_lowpass"] == 3 and report["inference_lowpass"] == 0
+    assert tried["heads"]["fer2013"]["n"] == 70 and tried["macro_f1"] != report["macro_f1"]
+    assert store.read_json("runs/learn/report/test/metrics.json") == report
+    bad = run_mdfer("evaluate", "--store", store.uri, "--run-id", "learn", "--inference-lowpass", "4")
+    assert bad.returncode != 0 and "--inference-lowpass: model.inference_lowpass: 4 is neither 0" in bad.stderr
+    assert not store.exists("runs/learn/report/test-lowpass4/metrics.json")
+
     # the same run id again: every stage is skipped and nothing a stage wrote changes
     again = run_mdfer(*train_args(learnable, "learn"))
     assert again.returncode == 0, again.stderr[-3000:]
