@@ -133,21 +133,25 @@ def test_preflight_names_an_op_the_hailo_parser_lacks(tmp_path):
     assert "CONV_2D" in hailo.tflite_ops(str(path))
 
 
-def test_inference_lowpass_survives_into_the_hailo_graph(tmp_path):
-    """Export takes the normalization out of the graph for Hailo; the blur must stay in."""
-    from mdfer.model import LOWPASS, build_model, preprocess_constants, without_preprocess
+def test_lowpass_converts_to_builtin_ops_the_hailo_parser_takes(tmp_path):
+    """The inference lowpass stays in the Hailo graph (tests/test_model.py: without_preprocess
+    keeps it); here: it converts to TFLite builtins Hailo-8 takes, with the same numbers."""
+    import keras
+
+    from mdfer.model import lowpass
     from mdfer.predict import TFLiteRunner
 
-    stripped = without_preprocess(build_model([("fer2013", 7), ("fane", 9)], image_size=32, input_lowpass=3))
-    assert LOWPASS in [layer.name for layer in stripped.layers]
-    path = tmp_path / "hailo_model.tflite"
-    path.write_bytes(tflite_bytes(_saved_model(stripped, 32, tmp_path / "saved")))
-    assert "AVERAGE_POOL_2D" in hailo.preflight(str(path))  # the blur, and Hailo-8 takes it
-    mean, std = preprocess_constants()
-    images = (np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)) - mean) / std
-    ours = TFLiteRunner(str(path))(images.astype(np.float32))
-    for head, probs in stripped(images.astype(np.float32), training=False).items():
-        np.testing.assert_allclose(ours[head], np.asarray(probs), atol=FLOAT_TOLERANCE)
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, name="conv")(lowpass(3)(inputs))
+    outputs = {"fer2013": keras.layers.Dense(3, activation="softmax", name="fer2013")(
+        keras.layers.GlobalAveragePooling2D()(x))}
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "blurred.tflite"
+    path.write_bytes(tflite_bytes(_saved_model(model, 12, tmp_path / "saved")))
+    assert "AVERAGE_POOL_2D" in hailo.preflight(str(path))
+    images = np.random.default_rng(0).normal(size=(2, 12, 12, 3)).astype(np.float32)
+    np.testing.assert_allclose(TFLiteRunner(str(path))(images)["fer2013"],
+                               np.asarray(model(images, training=False)["fer2013"]), atol=FLOAT_TOLERANCE)
 
 
 def test_predict_runs_every_format_on_image_files(exported, tmp_path):

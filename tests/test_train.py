@@ -18,6 +18,8 @@ import yaml
 
 from helpers import MDFER, PNG_MAGIC, run_mdfer, train_args
 from mdfer.config import load_config
+from mdfer.errors import ConfigError
+from mdfer.evaluate import evaluate_run
 from mdfer.storage import Store
 from mdfer.train_loop import epoch_lr
 
@@ -65,8 +67,8 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     assert tried["inference_lowpass"] == 3 and report["inference_lowpass"] == 0
     assert tried["heads"]["fer2013"]["n"] == 70 and tried["macro_f1"] != report["macro_f1"]
     assert store.read_json("runs/learn/report/test/metrics.json") == report
-    bad = run_mdfer("evaluate", "--store", store.uri, "--run-id", "learn", "--inference-lowpass", "4")
-    assert bad.returncode != 0 and "--inference-lowpass: model.inference_lowpass: 4 is neither 0" in bad.stderr
+    with pytest.raises(ConfigError, match="--inference-lowpass: model.inference_lowpass: 4 is neither 0"):
+        evaluate_run(store, "learn", inference_lowpass=4)
     assert not store.exists("runs/learn/report/test-lowpass4/metrics.json")
 
     # the same run id again: every stage is skipped and nothing a stage wrote changes
