@@ -80,12 +80,12 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
         raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
                          f"or name a checkpoint of it with --weights)")
     config = run_config(store, run_id)
-    report = split
+    report = run_key(run_id, "report", split)
     if inference_lowpass is not None and inference_lowpass != config.model.inference_lowpass:
         config.model.inference_lowpass = inference_lowpass
         config.source = "--inference-lowpass"
         validate(config)  # names the option and what is wrong with the value
-        report = f"{split}-lowpass{inference_lowpass}"
+        report = run_key(run_id, "report", f"{split}-lowpass{inference_lowpass}")
     history = store.read_json(run_key(run_id, "metrics.json")) if finished else None
     dataset_id = store.read_json(run_key(run_id, "run.json"))["dataset_id"]
     manifest = load_manifest(store, dataset_id)
@@ -95,6 +95,6 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     classes = {d.name: d.classes for d in config.data.domains}
     result = evaluate_model(model, store, manifest, split, classes, config.model.image_size)
     result.update(run_id=run_id, dataset_id=dataset_id, split=split, weights=weights,
-                  inference_lowpass=config.model.inference_lowpass, report=store.key_uri(run_key(run_id, "report", report)))
-    write_report(store, run_key(run_id, "report", report), result, history)
+                  inference_lowpass=config.model.inference_lowpass, report=store.key_uri(report))
+    write_report(store, report, result, history)
     return result

@@ -322,9 +322,10 @@ def sharpness_warnings(stats: dict) -> list[str]:
         train = max(splits["train"]["p50"], 0.1)
         for split, other in splits.items():
             ratio = max(other["p50"], 0.1) / train
-            if split != "train" and max(ratio, 1 / ratio) >= SHARPNESS_SHIFT:
+            shift = max(ratio, 1 / ratio)
+            if split != "train" and shift >= SHARPNESS_SHIFT:
                 warnings.append(
-                    f"{domain}: the train images are {max(ratio, 1 / ratio):.0f}x "
+                    f"{domain}: the train images are {shift:.0f}x "
                     f"{'blurrier' if ratio > 1 else 'sharper'} than the {split} images (median sharpness "
                     f"{splits['train']['p50']} vs {other['p50']}); the model learns a look it will not meet "
                     f"at {split} time. See README 'Sharpness shift' (model.inference_lowpass)")
