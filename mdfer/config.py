@@ -24,6 +24,7 @@ GIVEN_SPLIT_NAMES = ("train", "val", "test")
 WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its own
 DOMAIN_HEAD = "domain"
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: momentum 0.9, Nesterov
 # names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
 RESERVED_NAMES = ("image", "preprocess", "lowpass", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
@@ -56,6 +57,7 @@ class AugmentConfig:
     max_rotation_deg: float = 10.0
     brightness: float = 0.2  # +- fraction of full scale
     contrast: float = 0.2  # +- fraction
+    erase: float = 0.0  # probability of random erasing: one rectangle (2-25% of the image) set to noise
 
 
 @dataclass
@@ -66,7 +68,13 @@ class StreamConfig:
     shuffle_buffer: int = 1024
 
 
-ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_lowpass", 0))
+# (section, key, default) of every option added after the first release; the section is a dotted
+# path into Config.to_dict(), "stages" meaning each stage. A new option goes here, so that configs
+# which leave it at its default keep their run ids.
+ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_lowpass", 0),
+                 ("stages", "warmup_epochs", 0), ("stages", "lr_end", 0.0),
+                 ("train", "optimizer", "adam"), ("train", "weight_decay", 0.0),
+                 ("stream.augment", "erase", 0.0))
 
 
 @dataclass
@@ -85,7 +93,9 @@ class StageConfig:
     frozen_fraction: float
     epochs: int
     patience: int = 3
-    lr_schedule: str = "constant"  # constant | cosine (per epoch, from lr towards 0 at the stage's end)
+    lr_schedule: str = "constant"  # constant | cosine (per step, from lr to lr_end at the stage's end)
+    warmup_epochs: int = 0  # linear warm-up from ~0 to lr over this many epochs, then the schedule
+    lr_end: float = 0.0  # where the cosine ends: chain stages into one long curve with it
 
 
 @dataclass
@@ -96,6 +106,8 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     mixed_precision: bool = False
     label_smoothing: float = 0.0
+    optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9, Nesterov)
+    weight_decay: float = 0.0  # decoupled (Keras `weight_decay`); adamw and sgd only
     class_weighting: bool = False
     max_failures: int = 2
     seed: int = 0
@@ -138,7 +150,14 @@ class Config:
         # Options added after the first release count only when used, so a config that does not
         # use them keeps its run id (mdfer pipeline's automatic one) across upgrades.
         for section, key, default in ADDED_OPTIONS:
-            for entry in (out["train"]["stages"] if section == "stages" else [out[section]]):
+            if section == "stages":
+                entries = out["train"]["stages"]
+            else:
+                entry = out
+                for part in section.split("."):
+                    entry = entry[part]
+                entries = [entry]
+            for entry in entries:
                 if entry.get(key) == default:
                     entry.pop(key)
         return out
@@ -312,6 +331,7 @@ def validate(config: Config) -> None:
     need(0 <= aug.max_rotation_deg <= 45, "stream.augment.max_rotation_deg", "must be within [0, 45]")
     need(0 <= aug.brightness < 1, "stream.augment.brightness", "must be within [0, 1)")
     need(0 <= aug.contrast < 1, "stream.augment.contrast", "must be within [0, 1)")
+    need(0 <= aug.erase <= 1, "stream.augment.erase", "is a probability: within [0, 1]")
 
     train = config.train
     need(train.workers >= 1, "train.workers", "must be >= 1")
@@ -319,6 +339,10 @@ def validate(config: Config) -> None:
     need(train.gpus_per_worker >= 0, "train.gpus_per_worker", "must be >= 0")
     need(0 <= train.label_smoothing < 1, "train.label_smoothing", "must be within [0, 1)")
     need(train.max_failures >= 0, "train.max_failures", "must be >= 0")
+    need(train.optimizer in OPTIMIZERS, "train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    need(0 <= train.weight_decay < 1, "train.weight_decay", f"{train.weight_decay} is outside [0, 1)")
+    need(train.weight_decay == 0 or train.optimizer != "adam", "train.weight_decay",
+         "Keras's adam has no decoupled weight decay: use optimizer: adamw (or sgd)")
     need(stream.batch_size % train.workers == 0, "stream.batch_size",
          f"{stream.batch_size} does not divide evenly over {train.workers} workers")
     need(stream.batch_size // max(train.workers, 1) >= len(names), "stream.batch_size",
@@ -333,6 +357,9 @@ def validate(config: Config) -> None:
              f"{stage.frozen_fraction} is outside [0, 1]")
         need(stage.epochs >= 1, f"{key}.epochs", "must be >= 1")
         need(stage.patience >= 1, f"{key}.patience", "must be >= 1")
+        need(0 <= stage.warmup_epochs < stage.epochs, f"{key}.warmup_epochs",
+             f"{stage.warmup_epochs} is outside [0, epochs={stage.epochs})")
+        need(0 <= stage.lr_end < stage.lr, f"{key}.lr_end", f"{stage.lr_end} is outside [0, lr={stage.lr:g})")
         need(stage.lr_schedule in LR_SCHEDULES, f"{key}.lr_schedule",
              f"{stage.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         need(set(stage.loss_weights) == heads, f"{key}.loss_weights",

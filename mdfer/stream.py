@@ -95,8 +95,28 @@ def decode_image(data: bytes, size: int) -> Image.Image:
         return image.resize((size, size), Image.Resampling.BILINEAR)
 
 
+ERASE_AREA = (0.02, 0.25)  # random erasing: the rectangle's share of the image
+ERASE_ASPECT = (0.3, 3.3)  # and its height/width ratio (log-uniform), as in Zhong et al. 2020
+
+
+def erase_rectangle(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random erasing: one rectangle of the image (in place) becomes uniform noise, so the model
+    cannot lean on any single face part (a hand over the mouth, a cut-off chin)."""
+    height, width = pixels.shape[:2]
+    area = rng.uniform(*ERASE_AREA) * height * width
+    aspect = math.exp(rng.uniform(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
+    h = min(height, max(1, round(math.sqrt(area * aspect))))
+    w = min(width, max(1, round(math.sqrt(area / aspect))))
+    top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+    pixels[top:top + h, left:left + w] = rng.integers(0, 256, (h, w, 1) if pixels.ndim == 3 else (h, w),
+                                                      dtype=np.uint8)
+    return pixels
+
+
 def augment_image(pixels: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Flip, small shift and rotation (one affine warp), then brightness and contrast."""
+    """Flip, small shift and rotation (one affine warp), then brightness and contrast, then
+    (with probability `erase`) random erasing. The noise is grey (one value for all channels),
+    as FER2013's images are."""
     image = Image.fromarray(pixels)
     size = image.size[0]
     if aug.flip and rng.random() < 0.5:
@@ -110,8 +130,10 @@ def augment_image(pixels: np.ndarray, aug: AugmentConfig, rng: np.random.Generat
     contrast = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
     brightness = rng.uniform(-aug.brightness, aug.brightness) * 255.0
     mean = out.mean()
-    out = (out - mean) * contrast + mean + brightness
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = np.clip((out - mean) * contrast + mean + brightness, 0, 255).astype(np.uint8)
+    if aug.erase and rng.random() < aug.erase:
+        erase_rectangle(out, rng)
+    return out
 
 
 class DecodeBatch:

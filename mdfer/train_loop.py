@@ -28,12 +28,34 @@ STATE_FILE = "state.json"
 VAL_DATASET = "val"
 
 
-def epoch_lr(stage: StageConfig, epoch: int) -> float:
-    """The learning rate of a stage's epoch (1-based). Set per epoch from the epoch number, not
-    per optimizer step, so a stage resumed from a checkpoint continues the same schedule."""
+def scheduled_lr(stage: StageConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
+    """The learning rate at `step` of `steps` in a stage's epoch (1-based): a linear warm-up over
+    `warmup_epochs`, then constant or a cosine from `lr` to `lr_end` at the stage's last step.
+    A function of the position alone, so a stage resumed from a checkpoint continues the curve."""
+    done = (epoch - 1) + step / steps  # epochs done, fractional
+    if done < stage.warmup_epochs:
+        return stage.lr * (done + 1 / steps) / stage.warmup_epochs
     if stage.lr_schedule == "cosine":
-        return stage.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / stage.epochs))
+        progress = (done - stage.warmup_epochs) / (stage.epochs - stage.warmup_epochs)
+        return stage.lr_end + (stage.lr - stage.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return stage.lr
+
+
+def epoch_lr(stage: StageConfig, epoch: int) -> float:
+    """The learning rate at the start of an epoch: what the epoch's metrics report as `lr`."""
+    return scheduled_lr(stage, epoch)
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float):
+    """A new Keras optimizer (call inside strategy.scope()). Weight decay is Keras's decoupled one,
+    applied by the optimizer to every trainable variable, scaled by the learning rate."""
+    import keras
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True,
+                                    weight_decay=weight_decay or None)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
+    return keras.optimizers.Adam(learning_rate=lr)
 
 
 def _limit_threads(cpus: float) -> None:
@@ -141,7 +163,7 @@ def train_stage(loop_config: dict) -> None:
             worker_line(f"{stage.name}: starting from {init_weights} ({', '.join(loaded)})")
     summary = set_trainable_fraction(model, stage.frozen_fraction)
     with strategy.scope():
-        optimizer = keras.optimizers.Adam(learning_rate=stage.lr)
+        optimizer = make_optimizer(config.train.optimizer, stage.lr, config.train.weight_decay)
     class_weights = {k: np.asarray(v, np.float32) for k, v in loop_config.get("class_weights", {}).items()}
     train_step = make_train_step(strategy, model, optimizer, list(classes), stage.loss_weights,
                                  plan.global_batch_size, config.train.label_smoothing, class_weights)
@@ -160,7 +182,9 @@ def train_stage(loop_config: dict) -> None:
             if rank == 0:
                 worker_line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
             break
-        optimizer.learning_rate.assign(epoch_lr(stage, epoch))
+        per_step_lr = stage.lr_schedule != "constant" or epoch <= stage.warmup_epochs
+        epoch_start_lr = epoch_lr(stage, epoch)
+        optimizer.learning_rate.assign(epoch_start_lr)
         started = time.perf_counter()
         loss_sum, steps, data_wait = 0.0, 0, 0.0
         batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer)
@@ -171,6 +195,8 @@ def train_stage(loop_config: dict) -> None:
             if batch is None:
                 break
             batch["image"] = batch["image"].astype(np.float32)
+            if per_step_lr and steps:
+                optimizer.learning_rate.assign(scheduled_lr(stage, epoch, steps, plan.steps_per_epoch))
             loss, _ = train_step({k: tf.constant(v) for k, v in batch.items()})
             loss_sum, steps = loss_sum + float(loss), steps + 1
         train_seconds = time.perf_counter() - started
@@ -178,7 +204,7 @@ def train_stage(loop_config: dict) -> None:
                                     val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
                                     classes, rank, world, strategy)
         metrics = _flat_metrics(stage.name, epoch, evaluation)
-        metrics.update(loss=loss_sum / max(steps, 1), lr=float(optimizer.learning_rate.numpy()),
+        metrics.update(loss=loss_sum / max(steps, 1), lr=epoch_start_lr,
                        train_seconds=train_seconds, data_wait_seconds=data_wait,
                        images_per_second=steps * plan.global_batch_size / train_seconds)
         if metrics["val_macro_f1"] > state["best_macro_f1"]:
