@@ -181,7 +181,7 @@ def profile_decode(store: Store, manifest: dict, config: Config, rows: int = 512
     from PIL import Image
 
     from mdfer.ingest import dataset_key
-    from mdfer.stream import AugmentBatch, DecodeBatch, augment_image, decode_image
+    from mdfer.images import AugmentBatch, DecodeBatch, augment_image, decode_image
 
     shard = manifest["shards"]["train"][0]["file"]
     table = pq.read_table(store.path(f"{dataset_key(manifest['dataset_id'])}/{shard}"),
@@ -223,7 +223,7 @@ def profile_decode(store: Store, manifest: dict, config: Config, rows: int = 512
 
 
 def keras_augmenter(aug: AugmentConfig):
-    """Keras layers doing the work of mdfer.stream.augment_image (flip, shift, rotation,
+    """Keras layers doing the work of mdfer.images.augment_image (flip, shift, rotation,
     brightness, contrast) on 0..255 float images."""
     import keras
     return keras.Sequential([

@@ -4,7 +4,9 @@ One run, on the same prepared shards, image size, global batch and stage setting
 
   (a) plain loop: one process, no Ray: `model_from_config` + `make_train_step` under OneDeviceStrategy,
       fed pre-decoded in-memory batches with the same per-dataset mix as the stream, TensorFlow
-      threads set exactly as a 1-CPU Ray Train worker sets them (1 intra-op thread);
+      threads set exactly as the 1-worker Ray Train worker of (b) sets them (--cpus-1worker);
+  (s<size>-<precision>) the same plain loop at other input sizes (--sizes) and precisions
+      (--precisions: float32, mixed_bfloat16), each against (a): what a resolution costs per image;
   (a/2) diagnostic: the same plain loop at half the global batch, i.e. what each worker of (c)
       computes per step, so the cost of a smaller per-worker batch is apart from Ray's;
   (b) Ray Train, 1 worker x 1 thread, through mdfer's own code path (`mdfer.stages.fit_stage`:
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from mdfer.storage import Store
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "mdfer" / "configs" / "default.yaml"
+PRECISION_ENV = "MDFER_BENCH_PRECISION"  # a Keras dtype policy for the plain loop
 RUN_PREFIX = "bench"
 
 
@@ -67,6 +70,7 @@ class Variant:
     cpus_per_worker: float
     batch_size: int  # global
     env: dict[str, str] = field(default_factory=dict)  # extra environment of its subprocess
+    image_size: int | None = None  # None: --image-size
 
 
 @dataclass
@@ -154,21 +158,25 @@ def extract_subset(tarball: Path, folder: Path, per_class: int) -> dict[str, str
 
 
 def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argparse.Namespace) -> Path:
-    """The embedded default reduced to the given datasets and one stage, so every variant trains
-    exactly what a run of mdfer would (same augmentation, shuffle buffer, loss weights)."""
-    raw = yaml.safe_load(DEFAULT_YAML.read_text())
+    """--config (the embedded default unless given) reduced to the given datasets and one stage, so
+    every variant trains exactly what a run of mdfer would (same augmentation, shuffle buffer,
+    optimizer, loss weights)."""
+    raw = yaml.safe_load(args.config.read_text())
     raw["data"]["domains"] = [{**d, "root": roots[d["name"]]} for d in raw["data"]["domains"] if d["name"] in roots]
-    raw["model"]["image_size"] = args.image_size
+    if not raw["data"]["domains"]:
+        raise SystemExit(f"{args.config}: none of its datasets is {', '.join(roots)}")
+    raw["stream"].pop("domain_mix", None)  # only some of its datasets are here
+    raw["model"]["image_size"] = variant.image_size or args.image_size
     raw["stream"]["batch_size"] = variant.batch_size
     if args.no_augment:
         raw["stream"]["augment"] = {"flip": False, "max_shift": 0.0, "max_rotation_deg": 0.0,
-                                    "brightness": 0.0, "contrast": 0.0}
+                                    "brightness": 0.0, "contrast": 0.0, "erase": 0.0}
     raw["train"]["workers"] = max(1, variant.workers)
     raw["train"]["cpus_per_worker"] = variant.cpus_per_worker
     raw["train"]["max_failures"] = 0  # a restarted worker group would hide in the numbers: fail instead
-    last = raw["train"]["stages"][-1]  # stage 3: the whole network trains by default
+    last = raw["train"]["stages"][-1]  # the last stage: the whole network trains
     raw["train"]["stages"] = [{
-        "name": "bench", "lr": last["lr"], "frozen_fraction": args.frozen_fraction,
+        "name": "bench", "lr": last["lr"], "lr_schedule": "constant", "frozen_fraction": args.frozen_fraction,
         "epochs": args.epochs, "patience": args.epochs,  # never stop early
         "loss_weights": {k: v for k, v in last["loss_weights"].items() if k in roots or k == "domain"}}]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -183,7 +191,7 @@ def decoded_train_rows(store: Store, manifest: dict, config: Config) -> dict[str
     import pyarrow.parquet as pq
 
     from mdfer.ingest import dataset_key
-    from mdfer.stream import DecodeBatch
+    from mdfer.images import DecodeBatch
 
     decode, prefix, rows = DecodeBatch(config.model.image_size), dataset_key(manifest["dataset_id"]), {}
     for domain in config.domain_names():
@@ -204,11 +212,14 @@ def epoch_indices(n: int, needed: int, rng: np.random.Generator) -> np.ndarray:
 
 def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
     """Variant (a): the training step with data that costs nothing, the ceiling Ray Train aims at."""
-    from mdfer.train_loop import _limit_threads
+    from mdfer.train_loop import limit_threads, make_optimizer
 
-    _limit_threads(1.0)  # exactly what a 1-CPU Ray Train worker sets, before TF starts its pools
+    limit_threads(config.train.cpus_per_worker)  # what the Ray Train worker sets, before TF starts its pools
     import keras
     import tensorflow as tf
+
+    if os.environ.get(PRECISION_ENV):
+        keras.mixed_precision.set_global_policy(os.environ[PRECISION_ENV])
 
     from mdfer.model import model_from_config, set_trainable_fraction
     from mdfer.stages import class_weights
@@ -226,7 +237,7 @@ def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
         model = model_from_config(config, training=True)
     set_trainable_fraction(model, stage.frozen_fraction)
     with strategy.scope():
-        optimizer = keras.optimizers.Adam(learning_rate=stage.lr)
+        optimizer = make_optimizer(config.train.optimizer, stage.lr, config.train.weight_decay)
     weights = {k: np.asarray(v, np.float32) for k, v in class_weights(config, manifest).items()}
     step = make_train_step(strategy, model, optimizer, list(classes), stage.loss_weights,
                            plan.global_batch_size, config.train.label_smoothing, weights)
@@ -409,8 +420,14 @@ def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 30.0) -> 
 def variants(args: argparse.Namespace) -> list[Variant]:
     from mdfer.stream import IDLE_BACKOFF_ENV
 
-    batch = args.batch_size
-    out = [Variant("plain", "(a) plain TF loop, 1 process, 1 thread", 0, 1.0, batch)]
+    batch, cpus = args.batch_size, args.cpus_1worker
+    out = [Variant("plain", f"(a) plain TF loop, 1 process, cpus {cpus:g}", 0, cpus, batch)]
+    for size in args.sizes:
+        for precision in args.precisions:
+            if (size, precision) != (args.image_size, "float32"):
+                out.append(Variant(f"s{size}-{precision}", f"(s) plain TF loop, {size} px, {precision}", 0, cpus,
+                                   batch, env={PRECISION_ENV: precision} if precision != "float32" else {},
+                                   image_size=size))
     if not args.skip_half_batch:
         out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
     out.append(Variant("ray1", f"(b) Ray Train, 1 worker x 1 thread (cpus {args.cpus_1worker:g})",
@@ -418,7 +435,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out.append(Variant("ray1_spin", "(b0) as (b), Ray Data's idle loop left spinning", 1, args.cpus_1worker, batch,
                        env={IDLE_BACKOFF_ENV: "0"}))
     out.append(Variant("ray2", "(c) Ray Train, 2 workers x 1 thread (cpus 0.5 each)", 2, 0.5, batch))
-    return [v for v in out if not args.only or v.key in args.only]
+    return [v for v in out if not args.only or v.key in args.only or v.key[0] == "s" and "sizes" in args.only]
 
 
 def add_ratios(report: Report) -> None:
@@ -429,6 +446,9 @@ def add_ratios(report: Report) -> None:
         ratios["(b) / (b0): mdfer's Ray Data idle back-off on vs off"] = r("ray1") / r("ray1_spin")
     if {"ray2", "ray1"} <= got.keys():
         ratios["scaling efficiency (c) / (2 x (b))  [goal >= 0.85]"] = r("ray2") / (2 * r("ray1"))
+    for key in (k for k in got if k.startswith("s") and k[1].isdigit()):
+        ratios[f"({key}) / (a): img/s at {key[1:].replace('-', ' px, ')} vs {report.settings['image_size']} px float32"] = \
+            r(key) / r("plain")
     if {"plain_half", "plain"} <= got.keys():
         ratios["(a/2) / (a): per-image speed at the per-worker batch of (c)"] = r("plain_half") / r("plain")
     if {"ray2", "plain_half"} <= got.keys():
@@ -489,7 +509,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-1worker", type=float, default=1.0,
                         help="train.cpus_per_worker of (b); must leave a CPU to Ray Data")
     parser.add_argument("--skip-half-batch", action="store_true", help="skip the (a/2) diagnostic")
-    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2"),
+    parser.add_argument("--config", type=Path, default=DEFAULT_YAML,
+                        help="the config whose stream, model and train settings every variant uses "
+                             "(default: the embedded default.yaml); its last stage's LR, one stage")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[],
+                        help="also time the plain loop at these input sizes (px), against (a)")
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=("float32", "mixed_bfloat16"),
+                        help="with --sizes: Keras dtype policies to time the plain loop in")
+    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2", "sizes"),
                         help="run only these configurations (to debug one)")
     parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load average first")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 
-from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG
-from mdfer.errors import MdferError
+from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG, load_config
+from mdfer.errors import ConfigError, MdferError
 from mdfer.logs import redact, setup_logging
 
 log = logging.getLogger("mdfer")
@@ -43,7 +44,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, embedded: str = DEFAULT_CONFIG):
-    from mdfer.config import load_config, parse_data_roots
+    from mdfer.config import parse_data_roots
     return load_config(args.config, parse_data_roots(args.data_root), embedded)
 
 
@@ -92,10 +93,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_LISTED_REJECTS = 20  # beyond this, rejected files are counted by reason (all are in metrics.json)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mdfer.evaluate import evaluate_run
+    from mdfer.evaluate import evaluate_model_file, evaluate_run, evaluate_run_on_folders, parse_data_args
     from mdfer.storage import Store
-    result = evaluate_run(Store(args.store), args.run_id, args.split, args.weights, args.inference_lowpass)
+    store = Store(args.store)
+    data = parse_data_args(args.data)
+    if args.model and not data:
+        raise ConfigError("--model needs --data NAME=PATH (the class folders to score it on)")
+    if data and (args.split != "test" or args.inference_lowpass is not None):
+        raise ConfigError("--split and --inference-lowpass score a run's own dataset; they do not go with --data")
+    if args.model and args.weights:
+        raise ConfigError("--weights is for --run-id; an exported model carries its weights")
+    if args.run_id and args.config:
+        raise ConfigError("--config is for --model; a run is scored with its own config")
+    if args.model:
+        config = load_config(args.config) if args.config else None
+        result = evaluate_model_file(store, args.model, data, config, args.flip_tta)
+    elif data:
+        result = evaluate_run_on_folders(store, args.run_id, data, args.weights, args.flip_tta)
+    else:
+        result = evaluate_run(store, args.run_id, args.split, args.weights, args.inference_lowpass, args.flip_tta)
+    if data:
+        for line in result["summary"]:
+            print(line)
+        for rejected in result["rejected"][:MAX_LISTED_REJECTS]:
+            print(f"  rejected {rejected['domain']}: {rejected['path']}: {rejected['reason']}")
     _print_headline(result)
     print(f"report: {result['report']}/")
     return 0
@@ -175,9 +200,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """JSON for every image on stdout; an image that cannot be read is one line on stderr, its
+    entry says why, the others are predicted, and the exit code is 2."""
     from mdfer.predict import predict_files
-    print(json.dumps(predict_files(args.model, args.images), indent=2))
-    return 0
+    results = predict_files(args.model, args.images)
+    print(json.dumps(results, indent=2))
+    failed = [row for row in results if "error" in row]
+    for row in failed:
+        print(f"mdfer predict: error: {redact(row['error'])}", file=sys.stderr)
+    if not results:
+        print(f"mdfer predict: error: no image files in {', '.join(args.images)}", file=sys.stderr)
+    return 2 if failed or not results else 0
 
 
 def cmd_artifacts(args: argparse.Namespace) -> int:
@@ -241,7 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parsers["evaluate"]
     _store_arg(p)
-    p.add_argument("--run-id", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="a finished run (its final weights)")
+    source.add_argument("--model", help="an exported .keras, .tflite or .onnx file (heads.json beside it); "
+                                        "needs --data")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="score on this folder of class folders (local or s3://) as dataset NAME of the "
+                        "model, instead of a split of the run's dataset; repeatable")
+    p.add_argument("--config", help="with --model: a config whose folder maps name the class folders "
+                                    "(default: folders named like the classes, any case)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="test-time augmentation: average each image's and its mirror image's probabilities")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--weights", help="weights file (.weights.h5/.keras, local or s3://) instead of the run's best")
     p.add_argument("--inference-lowpass", type=int, metavar="W",
@@ -265,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--sweep-id", help="a finished sweep (its best three-stage result)")
 
     p = parsers["predict"]
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, gray or RGB)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, gray or RGB) or folders of them")
     p.add_argument("--model", required=True, help="an exported .keras, .tflite or .onnx file")
 
     actions = parsers["artifacts"].add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -281,12 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STORE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one folder name in the store: no '/', no '..'
+
+
+def _check_ids(args: argparse.Namespace) -> None:
+    """Run, sweep and dataset ids become store keys: one plain folder name each, so an id can
+    never read or write outside its prefix (`--run-id ../x`)."""
+    for option in ("run_id", "sweep_id", "dataset_id"):
+        value = getattr(args, option, None)
+        if value is not None and (not STORE_ID.fullmatch(value) or ".." in value):
+            raise ConfigError(f"--{option.replace('_', '-')} {value!r}: use letters, digits, '_', '-' and '.' "
+                              f"(not '..'), starting with a letter or digit, at most 128 characters")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug)
     handler = COMMANDS[args.command][0]
     try:
+        _check_ids(args)
         return handler(args)
     except MdferError as exc:
         if args.debug:

@@ -7,6 +7,8 @@ slot. Datasets ("domains") live here, not in code: a new dataset is a new list e
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its o
 DOMAIN_HEAD = "domain"
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: momentum 0.9, Nesterov
+STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a stage name is a folder of the run in the store
 # names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
 RESERVED_NAMES = ("image", "preprocess", "lowpass", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
@@ -173,23 +176,53 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one,
+    silently: a user who wrote `lr` twice gets the value they did not look at)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {seen[key]})", key_node.start_mark)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error says it best
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(data: bytes | str, source: str) -> Any:
+    """YAML text (or bytes, which must be UTF-8) -> Python data, every problem one line naming
+    `source`: not UTF-8 (with the byte offset), not YAML (with line and column), a key twice."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                              f"save it as UTF-8") from None
+    try:
+        return yaml.load(data, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
+
+
 def load_config(path: str | Path | None = None, data_roots: dict[str, str] | None = None,
                 embedded: str = DEFAULT_CONFIG) -> Config:
     """Load and validate a config file (None: the `embedded` one); `data_roots` overrides roots."""
     if path is None:
-        text = resources.files("mdfer.configs").joinpath(embedded).read_text()
+        data = resources.files("mdfer.configs").joinpath(embedded).read_bytes()
         source = f"<embedded {embedded}>"
         base_dir = None
     else:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        text, source, base_dir = path.read_text(), str(path), path.parent
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
-    config = config_from_dict(raw, source)
+        data, source, base_dir = path.read_bytes(), str(path), path.parent
+    config = config_from_dict(read_yaml(data, source), source)
     for name, root in (data_roots or {}).items():
         if name not in config.domain_names():
             raise ConfigError(f"--data-root {name}=...: no dataset named {name!r} in {source} "
@@ -252,11 +285,18 @@ def build_typed(kind: Any, value: Any, key: str, source: str) -> Any:
         key_kind, item = typing.get_args(kind)
         return {build_typed(key_kind, k, f"{where} key", source): build_typed(item, v, _join(key, str(k)), source)
                 for k, v in value.items()}
+    if kind is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string; the user means the number
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and type(value) is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: {where}: expected a finite number, got {value!r}")
     if kind in (int, float, str, bool) and (type(value) is kind):
         return value
     raise ConfigError(f"{source}: {where}: expected {kind.__name__}, got {_kind(value)} {value!r}")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _join(key: str, name: str) -> str:
@@ -350,8 +390,12 @@ def validate(config: Config) -> None:
          f"of each of the {len(names)} datasets")
     need(len(train.stages) >= 1, "train.stages", "at least one stage is needed")
     heads = {*names, DOMAIN_HEAD}
+    stage_names = [stage.name for stage in train.stages]
     for i, stage in enumerate(train.stages):
         key = f"train.stages[{i}]"
+        need(bool(STAGE_NAME.fullmatch(stage.name)) and stage.name not in (".", ".."), f"{key}.name",
+             f"{stage.name!r}: use letters, digits, '_', '-' and '.' only (it names a folder in the store)")
+        need(stage_names.count(stage.name) == 1, f"{key}.name", f"{stage.name!r} names two stages")
         need(stage.lr > 0, f"{key}.lr", f"{stage.lr} must be > 0")
         need(0 <= stage.frozen_fraction <= 1, f"{key}.frozen_fraction",
              f"{stage.frozen_fraction} is outside [0, 1]")

@@ -99,16 +99,18 @@ def _list_domain(domain: DomainConfig) -> list[tuple[str, str, int]]:
     fs, root = resolve(domain.root)
     found = []
     for split, folder in sorted(domain.splits.items()):
-        base = posixpath.join(root, folder)
+        base = posixpath.join(root, folder) if folder else root  # "": the root holds the class folders
+        where = f"{domain.root}/{folder}" if folder else domain.root
         try:
             info = fs.get_file_info(base)
             if info.type != pafs.FileType.Directory:
-                raise DataError(f"{domain.name}: split folder {folder!r} not found at {domain.root}/{folder}")
+                raise DataError(f"{domain.name}: split folder {folder!r} not found at {where}"
+                                if folder else f"{domain.name}: {where} is not a folder")
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         except DataError:
             raise
         except Exception as exc:
-            raise storage_error(f"{domain.root}/{folder}", exc) from None
+            raise storage_error(where, exc) from None
         for i in infos:
             if i.type == pafs.FileType.File:
                 found.append((split, i.path[len(root) + 1:], i.size))

@@ -99,21 +99,31 @@ def open_model(path: str, num_threads: int | None = None) -> KerasRunner | TFLit
         raise MdferError(f"{path}: cannot load as {file.suffix[1:]} model: {first}") from exc
 
 
-def load_images(paths: list[str], size: int) -> np.ndarray:
-    """Image files (grayscale or colour, any size) as the models take them: the same decode and
-    resize as training (`stream.decode_image`)."""
-    from mdfer.stream import decode_image
-    images = []
+def load_image(path: str, size: int) -> np.ndarray:
+    """One image file (grayscale or colour, any size) as the models take it: the same decode and
+    resize as training (`images.decode_image`)."""
+    from mdfer.images import decode_image
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MdferError(f"{path}: cannot read image: {exc.strerror or exc}") from exc
+    try:
+        return np.asarray(decode_image(data, size), np.float32)
+    except Exception as exc:
+        raise MdferError(f"{path}: not a readable image ({type(exc).__name__})") from exc
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Files as given; a folder stands for every file under it (sorted, hidden ones left out)."""
+    files = []
     for path in paths:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise MdferError(f"{path}: cannot read image: {exc.strerror or exc}") from exc
-        try:
-            images.append(np.asarray(decode_image(data, size), np.float32))
-        except Exception as exc:
-            raise MdferError(f"{path}: not a readable image ({type(exc).__name__})") from exc
-    return np.stack(images)
+        folder = Path(path)
+        if folder.is_dir():
+            files += sorted(str(p) for p in folder.rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        else:
+            files.append(path)
+    return files
 
 
 def head_classes(model_path: str) -> dict[str, list[str]]:
@@ -121,20 +131,30 @@ def head_classes(model_path: str) -> dict[str, list[str]]:
     sidecar = Path(model_path).with_name(HEADS_FILE)
     if not sidecar.is_file():
         return {}
-    return {name: head["classes"] for name, head in json.loads(sidecar.read_text())["heads"].items()}
+    try:
+        return {name: list(head["classes"]) for name, head in json.loads(sidecar.read_text())["heads"].items()}
+    except json.JSONDecodeError as exc:
+        raise MdferError(f"{sidecar}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise MdferError(f"{sidecar}: not an mdfer heads file (expected {{\"heads\": {{name: {{\"classes\": [...]}}}}}})") from None
 
 
 def predict_files(model_path: str, image_paths: list[str]) -> list[dict]:
-    """Per image, per head: the probabilities by class name and the top class."""
+    """Per image, per head: the probabilities by class name and the top class. An image that
+    cannot be read gets {"image", "error"} instead, and the others are still predicted."""
     runner = open_model(model_path)
-    images = load_images(image_paths, runner.image_size)
-    probs = runner(images)
     classes = head_classes(model_path)
     results = []
-    for index, path in enumerate(image_paths):
+    for path in expand_inputs(image_paths):
+        try:
+            image = load_image(path, runner.image_size)
+        except MdferError as exc:
+            results.append({"image": path, "error": str(exc)})
+            continue
+        probs = runner(image[None])
         heads = {}
         for name in runner.heads:
-            row = [float(p) for p in probs[name][index]]
+            row = [float(p) for p in probs[name][0]]
             labels = classes.get(name) or [str(i) for i in range(len(row))]
             heads[name] = {"top": labels[int(np.argmax(row))],
                            "probabilities": dict(zip(labels, (round(p, 6) for p in row)))}

@@ -9,7 +9,6 @@ batches into mixed batches. Evaluation streams are deterministic: no augmentatio
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import sys
@@ -19,17 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray.data
-from PIL import Image
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from mdfer.config import AugmentConfig, Config
+from mdfer.config import Config
+from mdfer.images import AugmentBatch, DecodeBatch
 from mdfer.ingest import dataset_key
 from mdfer.storage import Store
 
 TRAIN_PREFIX = "train_"  # Ray Train dataset names: train_<domain>
 BATCH_KEYS = ("image", "domain", "label")
 DECODE_BATCH = 256
-EVAL_BATCH = 128  # fixed: a model traced for one batch shape retraces (seconds) for another
 BLOCK_ROWS = 512
 # Ray Data's decode/augment tasks ask for half a CPU (Ray's default is one): the check in
 # stages.check_cpus_left_for_data promises the stream can run with half a CPU left over.
@@ -83,85 +81,6 @@ def plan_epoch(manifest: dict, config: Config, num_workers: int) -> EpochPlan:
         shares[d] += 1
     steps = max(math.ceil(sizes[d] / (shares[d] * num_workers)) for d in domains)
     return EpochPlan(domains, shares, steps, num_workers)
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def decode_image(data: bytes, size: int) -> Image.Image:
-    """Any readable image -> RGB at size x size (grayscale repeated over three channels)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        return image.resize((size, size), Image.Resampling.BILINEAR)
-
-
-ERASE_AREA = (0.02, 0.25)  # random erasing: the rectangle's share of the image
-ERASE_ASPECT = (0.3, 3.3)  # and its height/width ratio (log-uniform), as in Zhong et al. 2020
-
-
-def erase_rectangle(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random erasing: one rectangle of the image (in place) becomes uniform noise, so the model
-    cannot lean on any single face part (a hand over the mouth, a cut-off chin)."""
-    height, width = pixels.shape[:2]
-    area = rng.uniform(*ERASE_AREA) * height * width
-    aspect = math.exp(rng.uniform(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
-    h = min(height, max(1, round(math.sqrt(area * aspect))))
-    w = min(width, max(1, round(math.sqrt(area / aspect))))
-    top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-    pixels[top:top + h, left:left + w] = rng.integers(0, 256, (h, w, 1) if pixels.ndim == 3 else (h, w),
-                                                      dtype=np.uint8)
-    return pixels
-
-
-def augment_image(pixels: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Flip, small shift and rotation (one affine warp), then brightness and contrast, then
-    (with probability `erase`) random erasing. The noise is grey (one value for all channels),
-    as FER2013's images are."""
-    image = Image.fromarray(pixels)
-    size = image.size[0]
-    if aug.flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    angle = rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg)
-    dx, dy = rng.uniform(-aug.max_shift, aug.max_shift, size=2) * size
-    if angle or dx or dy:
-        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy),
-                             fillcolor=(0, 0, 0))
-    out = np.asarray(image, dtype=np.float32)
-    contrast = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
-    brightness = rng.uniform(-aug.brightness, aug.brightness) * 255.0
-    mean = out.mean()
-    out = np.clip((out - mean) * contrast + mean + brightness, 0, 255).astype(np.uint8)
-    if aug.erase and rng.random() < aug.erase:
-        erase_rectangle(out, rng)
-    return out
-
-
-class DecodeBatch:
-    """Ray Data batch function: Parquet rows -> uint8 RGB images plus labels (uint8 keeps the
-    object store and transfers small; the model casts)."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [np.asarray(decode_image(data, self.size), dtype=np.uint8) for data in batch["image"]]
-        return {
-            "image": np.stack(images) if images else np.zeros((0, self.size, self.size, 3), np.uint8),
-            "domain": batch["domain_index"].astype(np.int32),
-            "label": batch["label"].astype(np.int32),
-        }
-
-
-class AugmentBatch:
-    """Ray Data batch function: fresh random augmentation of decoded images, every epoch."""
-
-    def __init__(self, augment: AugmentConfig):
-        self.augment = augment
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng()
-        return {**batch, "image": np.stack([augment_image(p, self.augment, rng) for p in batch["image"]])
-                if len(batch["image"]) else batch["image"]}
 
 
 # ---------------------------------------------------------------- datasets (driver side)

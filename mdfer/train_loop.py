@@ -21,7 +21,8 @@ import numpy as np
 from mdfer.config import DOMAIN_HEAD, Config, StageConfig, config_from_dict
 from mdfer.logs import worker_line
 from mdfer.storage import Store, local_copy
-from mdfer.stream import EVAL_BATCH, TRAIN_PREFIX, EpochPlan, iter_train_batches
+from mdfer.images import EVAL_BATCH
+from mdfer.stream import TRAIN_PREFIX, EpochPlan, iter_train_batches
 
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.json"
@@ -58,7 +59,7 @@ def make_optimizer(name: str, lr: float, weight_decay: float):
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def _limit_threads(cpus: float) -> None:
+def limit_threads(cpus: float) -> None:
     """One worker, its own CPUs: TensorFlow would otherwise use every core of the node."""
     import tensorflow as tf
     threads = max(1, round(cpus))
@@ -137,7 +138,7 @@ def train_stage(loop_config: dict) -> None:
     plan = EpochPlan(**loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _limit_threads(config.train.cpus_per_worker)
+    limit_threads(config.train.cpus_per_worker)
     keras.utils.set_random_seed(config.train.seed + stage_index)
     if config.train.mixed_precision and config.train.gpus_per_worker > 0:
         keras.mixed_precision.set_global_policy("mixed_float16")

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, yaml_problem
+from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, read_yaml
 from mdfer.errors import ConfigError, MdferError
 from mdfer.ingest import load_manifest
 from mdfer.logs import redact
@@ -116,10 +116,7 @@ def load_sweep(path: Path, config: Config, stage_index: int) -> StageSweep:
     if not path.is_file():
         raise ConfigError(f"{path}: search space file not found (one per stage of {config.source}: "
                           f"{', '.join(s.name + '.yaml' for s in config.train.stages)})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    raw = read_yaml(path.read_bytes(), str(path))
     sweep = build_typed(StageSweep, raw, "", str(path))  # the main config's loader: unknown keys, types
     sweep.source = str(path)
     _validate_sweep(sweep, config, stage_index)

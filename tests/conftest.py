@@ -136,3 +136,19 @@ def trained_run(learnable: dict) -> dict:
     done = run_mdfer(*train_args(learnable, "learn"))
     assert done.returncode == 0, done.stderr[-4000:]
     return {**learnable, "run_id": "learn", "train": done}
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run: dict) -> dict:
+    """`mdfer export` of run "learn", without a Hailo compiler; tests read its files."""
+    import json
+
+    from helpers import path_without_hailo, run_mdfer
+    from mdfer import hailo
+
+    store = trained_run["store"]
+    done = run_mdfer("export", "--store", store.uri, "--run-id", "learn",
+                     env={hailo.HAILO_PYTHON_ENV: "", "PATH": path_without_hailo()})
+    assert done.returncode == 0, done.stderr[-4000:]
+    folder = Path(store.path("runs/learn/export"))
+    return {**trained_run, "done": done, "folder": folder, "manifest": json.loads((folder / "manifest.json").read_text())}

@@ -40,3 +40,9 @@ def generated_demo_config(root: Path, fer_train: int, fer_test: int, fane: int, 
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, raw
+
+
+def path_without_hailo() -> str:
+    """PATH without any folder holding a `hailo` command: the test machine has no Hailo compiler,
+    and a stray one must not change that."""
+    return os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "hailo").exists())

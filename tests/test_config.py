@@ -44,6 +44,18 @@ def write(tmp_path: Path, edit) -> Path:
      "'linear' is not one of constant, cosine"),
     (lambda c: c["model"].update(inference_lowpass=4), "model.inference_lowpass", "neither 0 (off) nor an odd width"),
     (lambda c: c["model"].update(image_size=32, inference_lowpass=33), "model.inference_lowpass", "below model.image_size (32)"),
+    (lambda c: c["train"]["stages"][0].update(lr=float("inf")), "train.stages[0].lr", "expected a finite number, got inf"),
+    (lambda c: c["train"]["stages"][0].update(lr=float("nan")), "train.stages[0].lr", "expected a finite number, got nan"),
+    (lambda c: c["train"]["stages"][0].update(lr="fast"), "train.stages[0].lr", "expected float, got str 'fast'"),
+    (lambda c: c["train"]["stages"][1].update(name="../runs"), "train.stages[1].name", "names a folder in the store"),
+    (lambda c: c["train"]["stages"][1].update(name="a/b"), "train.stages[1].name", "names a folder in the store"),
+    (lambda c: c["train"]["stages"][1].update(name=".."), "train.stages[1].name", "names a folder in the store"),
+    (lambda c: c["train"]["stages"][2].update(name="stage1"), "train.stages[0].name", "'stage1' names two stages"),
+    (lambda c: c["train"].update(optimizer="rmsprop"), "train.optimizer", "'rmsprop' is not one of adam, adamw, sgd"),
+    (lambda c: c["train"].update(weight_decay=0.05), "train.weight_decay", "use optimizer: adamw"),
+    (lambda c: c["train"]["stages"][0].update(warmup_epochs=3), "train.stages[0].warmup_epochs", "outside [0, epochs=3)"),
+    (lambda c: c["train"]["stages"][0].update(lr_end=1e-3), "train.stages[0].lr_end", "outside [0, lr=0.0005)"),
+    (lambda c: c["stream"]["augment"].update(erase=1.5), "stream.augment.erase", "is a probability"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
     path = write(tmp_path, edit)
@@ -117,6 +129,65 @@ def test_options_added_later_change_the_identity_only_when_used():
     used = config.identity()
     assert used["model"]["inference_lowpass"] == 5 and used["train"]["stages"][0]["lr_schedule"] == "cosine"
     assert "lr_schedule" not in used["train"]["stages"][1]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train:\n  workers: 1\n  workers: 2\n", "key 'workers' given twice (first on line 2) (line 3, column 3)"),
+    ("model: {image_size: 48, image_size: 64}\n", "key 'image_size' given twice"),
+    ("data: [unclosed\n", "not valid YAML: expected ',' or ']'"),
+])
+def test_yaml_a_key_twice_is_refused_with_its_lines(tmp_path, text, words):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: not valid YAML: ") and words in str(error.value)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# r\xe9sum\xe9 of the run\ntrain: {}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 3: b'\\xe9'\); save it as UTF-8"):
+        load_config(path)
+
+
+def test_exponent_without_a_dot_is_the_number_meant(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; a user writing a float field means the number."""
+    path = tmp_path / "lr.yaml"
+    path.write_text(DEFAULT.read_text().replace("lr: 5.0e-4", "lr: 5e-4").replace("lr: 1.0e-4", "lr: +1E-4"))
+    assert "lr: 5e-4" in path.read_text()
+    stages = load_config(path).train.stages
+    assert (stages[0].lr, stages[1].lr) == (5e-4, 1e-4) and isinstance(stages[0].lr, float)
+
+
+def test_new_recipe_options_stay_out_of_the_identity_at_their_defaults():
+    config = load_config(None, {"fer2013": "/a", "fane": "/b"})
+    plain = config.identity()
+    for key in ("optimizer", "weight_decay"):
+        assert key not in plain["train"]
+    assert "erase" not in plain["stream"]["augment"] and "flip" in plain["stream"]["augment"]
+    assert not {"warmup_epochs", "lr_end"} & set(plain["train"]["stages"][0])
+    config.train.optimizer, config.stream.augment.erase, config.train.stages[1].warmup_epochs = "sgd", 0.5, 1
+    used = config.identity()
+    assert used["train"]["optimizer"] == "sgd" and used["stream"]["augment"]["erase"] == 0.5
+    assert used["train"]["stages"][1]["warmup_epochs"] == 1 and "warmup_epochs" not in used["train"]["stages"][0]
+
+
+def test_warmup_then_cosine_per_step_to_lr_end(tmp_path):
+    """Linear warm-up, then a cosine from lr to lr_end that reaches lr_end at the stage's last step;
+    a function of the position only, so a resumed stage continues the same curve."""
+    from mdfer.train_loop import epoch_lr, scheduled_lr
+
+    (stage, *_) = load_config(write(tmp_path, lambda c: c["train"]["stages"][0].update(
+        lr_schedule="cosine", lr=1e-3, lr_end=1e-4, warmup_epochs=1, epochs=5))).train.stages
+    steps = 10
+    curve = [scheduled_lr(stage, epoch, step, steps) for epoch in range(1, 6) for step in range(steps)]
+    warm, decay = curve[:steps], curve[steps:]
+    assert warm == pytest.approx([1e-3 * (i + 1) / steps for i in range(steps)])  # never 0, reaches lr
+    assert decay[0] == pytest.approx(1e-3) and decay == sorted(decay, reverse=True)
+    assert scheduled_lr(stage, 5, steps, steps) == pytest.approx(1e-4)  # the end of the last epoch
+    assert decay[-1] > 1e-4 and decay[len(decay) // 2] == pytest.approx((1e-3 + 1e-4) / 2)  # the middle
+    assert epoch_lr(stage, 3) == scheduled_lr(stage, 3, 0, steps)  # what an epoch line reports
 
 
 def test_relative_weights_path_starts_at_the_config(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_mdfer
+from helpers import path_without_hailo, run_mdfer
 from mdfer import hailo
 from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
@@ -22,21 +22,6 @@ from mdfer.predict import open_model
 
 EXPECTED = {KERAS_FILE, TFLITE_FLOAT32, TFLITE_OPTIMIZED, TFLITE_INT8, ONNX_FILE, "heads.json", HAILO_TFLITE,
             "hailo/model.alls", "hailo/calib.npy", "hailo/heads.json", "hailo/hailo_compile.py"}
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run: dict) -> dict:
-    store = trained_run["store"]
-    done = run_mdfer("export", "--store", store.uri, "--run-id", "learn",
-                     env={hailo.HAILO_PYTHON_ENV: "", "PATH": _path_without_hailo()})
-    assert done.returncode == 0, done.stderr[-4000:]
-    folder = Path(store.path("runs/learn/export"))
-    return {**trained_run, "done": done, "folder": folder, "manifest": json.loads((folder / "manifest.json").read_text())}
-
-
-def _path_without_hailo() -> str:
-    """The test machine has no DFC; make sure a stray `hailo` command cannot change that."""
-    return os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "hailo").exists())
 
 
 def test_every_format_is_written_with_checksums_and_parity(exported):
@@ -104,7 +89,7 @@ def test_require_hef_fails_before_writing_anything(exported):
         store.write_bytes(f"runs/unexported/{name}", store.read_bytes(f"runs/learn/{name}"))
     # a Python without hailo_sdk_client, named explicitly: found wanting, not silently skipped
     done = run_mdfer("export", "--store", store.uri, "--run-id", "unexported", "--require-hef",
-                     "--hailo-python", sys.executable, env={"PATH": _path_without_hailo()})
+                     "--hailo-python", sys.executable, env={"PATH": path_without_hailo()})
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "--require-hef: not compiled (Hailo Dataflow Compiler not found)" in done.stderr
@@ -205,3 +190,33 @@ def test_image_samples_spread_over_the_whole_split(synth_dataset):
     images, domains, labels = split_images(store, manifest, "test", 32, limit)
     assert images.shape == (limit, 32, 32, 3) and len(domains) == len(labels) == limit
     assert {*zip(domains, labels)} == {*zip(all_domains, all_labels)}  # every (dataset, class) pair
+
+
+def test_predict_goes_on_past_a_bad_image_and_takes_folders(exported, tmp_path):
+    """A folder stands for the images in it; one unreadable file is reported (its entry and one
+    stderr line) and the others are still predicted; the exit code says something failed."""
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40), dtype=np.uint8), "L").save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (64, 50), (120, 80, 60)).save(tmp_path / "sub" / "c.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not really")
+    Image.new("L", (20, 20)).save(tmp_path / ".hidden.png")
+    done = run_mdfer("predict", str(tmp_path), "--model", str(exported["folder"] / TFLITE_FLOAT32))
+    assert done.returncode == 2, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert [Path(row["image"]).relative_to(tmp_path).as_posix() for row in rows] == ["a.png", "b.jpg", "sub/c.jpg"]
+    assert "b.jpg: not a readable image" in rows[1]["error"] and "heads" not in rows[1]
+    assert all(set(row["heads"]) == {"fer2013", "fane", "domain"} for row in (rows[0], rows[2]))
+    assert done.stderr.strip().count("\n") == 0 and "b.jpg: not a readable image" in done.stderr
+
+
+def test_predict_damaged_sidecar_or_junk_model_is_one_line(exported, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (10, 10)).save(image)
+    shutil.copy(exported["folder"] / TFLITE_FLOAT32, tmp_path / "m.tflite")
+    (tmp_path / "heads.json").write_text('{"heads": {"fer2013": ')
+    (tmp_path / "junk.keras").write_bytes(b"PK\x03\x04 not a zip")
+    for model, expected in (("m.tflite", "heads.json: not valid JSON"), ("junk.keras", "junk.keras: cannot load as keras model")):
+        done = run_mdfer("predict", str(image), "--model", str(tmp_path / model))
+        assert done.returncode == 2, (model, done.stderr[-2000:])
+        assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

@@ -12,8 +12,9 @@ from PIL import Image
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from mdfer.config import AugmentConfig
-from mdfer.stream import (IDLE_STEP_SLEEP_S, TRAIN_PREFIX, EpochPlan, IdleBackoff, augment_image,
-                          configure_data_context, decode_image, eval_dataset, iter_train_batches,
+from mdfer.images import augment_image, decode_image
+from mdfer.stream import (IDLE_STEP_SLEEP_S, TRAIN_PREFIX, EpochPlan, IdleBackoff,
+                          configure_data_context, eval_dataset, iter_train_batches,
                           plan_epoch, train_datasets)
 
 
