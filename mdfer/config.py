@@ -50,6 +50,7 @@ class DataConfig:
     test_fraction: float = 0.15  # carved out of train when no test split is given
     split_seed: int = 1234
     min_image_side: int = 16  # smaller images are rejected as unusable
+    max_image_pixels: int = 40_000_000  # larger ones are rejected from their header, never decoded
     shard_rows: int = 4096
 
 
@@ -77,7 +78,7 @@ class StreamConfig:
 ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_lowpass", 0),
                  ("stages", "warmup_epochs", 0), ("stages", "lr_end", 0.0),
                  ("train", "optimizer", "adam"), ("train", "weight_decay", 0.0),
-                 ("stream.augment", "erase", 0.0))
+                 ("stream.augment", "erase", 0.0), ("data", "max_image_pixels", 40_000_000))
 
 
 @dataclass
@@ -345,6 +346,8 @@ def validate(config: Config) -> None:
     need(0 < data.val_fraction < 0.5, "data.val_fraction", f"{data.val_fraction} is outside (0, 0.5)")
     need(0 < data.test_fraction < 0.5, "data.test_fraction", f"{data.test_fraction} is outside (0, 0.5)")
     need(data.min_image_side >= 1, "data.min_image_side", "must be >= 1")
+    need(data.max_image_pixels >= data.min_image_side ** 2, "data.max_image_pixels",
+         f"must be >= data.min_image_side squared ({data.min_image_side ** 2})")
     for name in ("calib_images", "representative_images"):
         need(getattr(config.export, name) >= 1, f"export.{name}", "must be >= 1")
     need(config.export.parity_images >= 0, "export.parity_images", "must be >= 0 (0: the whole test split)")

@@ -8,11 +8,15 @@ rejected or duplicates, and the manifest says which and why.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import stat
+import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from tqdm import tqdm
 import mdfer
 from mdfer.config import WHOLE_DATASET, Config, DomainConfig, require_roots
 from mdfer.errors import DataError
+from mdfer.images import to_rgb8
 from mdfer.logs import redact
 from mdfer.storage import Store, resolve, storage_error
 
@@ -36,6 +41,7 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, WHOLE_DATASET: 3}  # who keeps a duplicate
 READ_THREADS = 8
+MAX_FILE_BYTES = 256 * 2**20  # a face image is never this big; reading it whole would cost the memory
 SHARD_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("domain", pa.string()),
@@ -94,8 +100,56 @@ def sharpness(gray: Image.Image) -> float:
     return float(laplacian.var())
 
 
-def _list_domain(domain: DomainConfig) -> list[tuple[str, str, int]]:
-    """(given split, path relative to root, size) of every file in the domain's split folders."""
+@dataclass(frozen=True)
+class Listed:
+    """One directory entry under a split folder; `problem` set when it cannot be read as a file."""
+
+    split: str
+    path: str  # relative to the dataset root, "/"-separated, valid UTF-8
+    size: int
+    problem: str = ""
+
+
+def _list_local(root: str, split: str, folder: str) -> list[Listed]:
+    """Every entry under a local split folder, by one rule: file links are followed to their
+    file; a link to a folder is not followed (a loop back up the tree, or a second copy of a
+    class, would count files twice or under another class); broken links, link loops, names
+    that are not UTF-8 and special files are entries with a problem. Nothing is skipped
+    silently, and no entry can stop the scan."""
+    found = []
+    pending = [os.path.join(root, folder) if folder else root]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
+                shown = os.fsencode(rel).decode("utf-8", "backslashreplace")  # printable, valid UTF-8
+                kind = "folder" if entry.is_dir(follow_symlinks=False) else "file"
+                if shown != rel:
+                    found.append(Listed(split, shown, 0, f"{kind} name is not valid UTF-8"))
+                elif entry.is_symlink():
+                    try:
+                        target = os.stat(entry.path)  # follows the link
+                    except OSError as exc:
+                        loop = exc.errno == errno.ELOOP
+                        found.append(Listed(split, rel, 0, "link loop" if loop else "broken link (its target is missing)"))
+                        continue
+                    if stat.S_ISDIR(target.st_mode):
+                        found.append(Listed(split, rel, 0, "link to a folder (not followed)"))
+                    elif stat.S_ISREG(target.st_mode):
+                        found.append(Listed(split, rel, target.st_size))
+                    else:
+                        found.append(Listed(split, rel, 0, "link to something that is not a file"))
+                elif kind == "folder":
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(Listed(split, rel, entry.stat(follow_symlinks=False).st_size))
+                else:
+                    found.append(Listed(split, rel, 0, "not a regular file (a pipe, socket or device)"))
+    return found
+
+
+def _list_domain(domain: DomainConfig) -> list[Listed]:
+    """Every entry in the domain's split folders (local: see `_list_local`; s3://: every object)."""
     fs, root = resolve(domain.root)
     found = []
     for split, folder in sorted(domain.splits.items()):
@@ -106,30 +160,37 @@ def _list_domain(domain: DomainConfig) -> list[tuple[str, str, int]]:
             if info.type != pafs.FileType.Directory:
                 raise DataError(f"{domain.name}: split folder {folder!r} not found at {where}"
                                 if folder else f"{domain.name}: {where} is not a folder")
+            if isinstance(fs, pafs.LocalFileSystem):
+                found += _list_local(root, split, folder)
+                continue
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         except DataError:
             raise
         except Exception as exc:
             raise storage_error(where, exc) from None
-        for i in infos:
-            if i.type == pafs.FileType.File:
-                found.append((split, i.path[len(root) + 1:], i.size))
-    return sorted(found, key=lambda f: f[1])
+        found += [Listed(split, i.path[len(root) + 1:], i.size) for i in infos if i.type == pafs.FileType.File]
+    return sorted(found, key=lambda f: f.path)
 
 
-def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, split: str, rel_path: str,
-             size: int, min_side: int) -> ScannedFile:
+def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, listed: Listed, min_side: int,
+             max_pixels: int) -> ScannedFile:
     """Read, hash and fully decode one file; set `reason` if it cannot be used."""
-    scanned = ScannedFile(domain.name, split, rel_path, size)
-    folder = domain.splits[split]
-    parts = rel_path[len(folder):].strip("/").split("/")
+    scanned = ScannedFile(domain.name, listed.split, listed.path, listed.size)
+    if listed.problem:
+        scanned.reason = listed.problem
+        return scanned
+    folder = domain.splits[listed.split]
+    parts = listed.path[len(folder):].strip("/").split("/")
     if len(parts) < 2:
         scanned.reason = "not inside a class folder"
         return scanned
     class_folder = parts[0]
     folder_map = {k.lower(): v for k, v in domain.folders.items()}
+    if listed.size > MAX_FILE_BYTES:
+        scanned.reason = f"file too large: {listed.size / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB"
+        return scanned
     try:
-        with fs.open_input_stream(posixpath.join(root, rel_path)) as f:
+        with fs.open_input_stream(posixpath.join(root, listed.path)) as f:
             data = f.read()
     except Exception as exc:
         scanned.reason = "unreadable: " + (redact(str(exc)).splitlines() or [type(exc).__name__])[0]
@@ -143,18 +204,31 @@ def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, split: str, r
         scanned.reason = "empty file (0 bytes)"
         return scanned
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            scanned.width, scanned.height = image.size
-            gray = image.convert("L")
-            extrema = gray.getextrema()
-            scanned.sharpness = sharpness(gray)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(io.BytesIO(data)) as image:
+                scanned.width, scanned.height = image.size  # from the header: nothing decoded yet
+                if scanned.width * scanned.height > max_pixels:
+                    scanned.reason = (f"too large: {scanned.width}x{scanned.height} = {scanned.width * scanned.height / 1e6:.0f} "
+                                      f"megapixels > data.max_image_pixels ({max_pixels / 1e6:g} M)")
+                    return scanned
+                image.load()
+                try:
+                    gray = to_rgb8(image).convert("L")
+                except ValueError as exc:
+                    scanned.reason = f"unsupported pixels: {exc}"
+                    return scanned
+    except Image.DecompressionBombError as exc:  # beyond Pillow's own hard limit, before decoding
+        scanned.reason = f"too large: {str(exc).split('(')[-1].split(')')[0]} (Pillow refuses it)"
+        return scanned
     except UnidentifiedImageError:
         scanned.reason = "not an image"
         return scanned
     except (OSError, SyntaxError, ValueError) as exc:
         scanned.reason = f"truncated or corrupt image: {exc}".splitlines()[0]
         return scanned
+    extrema = gray.getextrema()
+    scanned.sharpness = sharpness(gray)
     if min(scanned.width, scanned.height) < min_side:
         scanned.reason = f"too small: {scanned.width}x{scanned.height} < {min_side} px"
     elif extrema[0] == extrema[1]:
@@ -171,11 +245,11 @@ def scan(config: Config) -> list[ScannedFile]:
             raise DataError(f"{domain.name}: no files under {domain.root} "
                             f"(looked in {', '.join(sorted(domain.splits.values()))})")
         fs, root = resolve(domain.root)
-        jobs += [(domain, fs, root, split, path, size) for split, path, size in listed]
-    min_side = config.data.min_image_side
+        jobs += [(domain, fs, root, entry) for entry in listed]
+    limits = (config.data.min_image_side, config.data.max_image_pixels)
     with ThreadPoolExecutor(READ_THREADS) as pool, tqdm(total=len(jobs), desc="scan", unit="file") as bar:
         results = []
-        for result in pool.map(lambda job: _inspect(*job, min_side), jobs):
+        for result in pool.map(lambda job: _inspect(*job, *limits), jobs):
             results.append(result)
             bar.update()
     return results
@@ -334,6 +408,26 @@ def sharpness_warnings(stats: dict) -> list[str]:
     return warnings
 
 
+def split_warnings(counts: dict) -> list[str]:
+    """A dataset that trains but has an empty val or test split, or a class with training images
+    and no validation image: model selection (or the test figure) would silently leave it out."""
+    warnings = []
+    for domain, splits in counts.items():
+        n_train = sum(splits["train"].values())
+        if not n_train:
+            continue  # nothing to train on (a dataset prepared only to be scored): nothing to select
+        for split in ("val", "test"):
+            if not sum(splits[split].values()):
+                warnings.append(f"{domain}: the {split} split is empty ({n_train} train images): add images "
+                                f"or a {split} folder, or raise data.{split}_fraction")
+        missing = [c for c, n in splits["val"].items() if n == 0 and splits["train"][c] > 0]
+        if missing and sum(splits["val"].values()):
+            warnings.append(f"{domain}: no validation image of class {', '.join(missing)} "
+                            f"(training has {', '.join(str(splits['train'][c]) for c in missing)}): "
+                            f"its F1 on validation is 0 whatever the model does")
+    return warnings
+
+
 def _warn(manifest: dict) -> None:
     for warning in manifest.get("warnings", []):  # older manifests have none
         log.warning(warning)
@@ -389,7 +483,7 @@ def prepare(config: Config, store: Store) -> dict:
                    "duplicate_groups": len(result.duplicates),
                    "conflicting_label_groups": sum(d["conflicting_labels"] for d in result.duplicates)},
         "sharpness": sharpness_stats,
-        "warnings": sharpness_warnings(sharpness_stats),
+        "warnings": sharpness_warnings(sharpness_stats) + split_warnings(_counts(config, result.rows)),
         "rejected": result.rejected,
         "duplicates": result.duplicates,
         "shards": shards,

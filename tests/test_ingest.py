@@ -253,3 +253,124 @@ def test_train_far_blurrier_than_test_is_a_warning_with_figures(tmp_path, caplog
     with caplog.at_level("WARNING", logger="mdfer.ingest"):
         assert prepare(fer_only(str(root)), store)["skipped"]
     assert warning in caplog.text  # said again when the dataset is reused
+
+
+# --- what else a user's disk holds: links, odd names, bit depths, huge images, tiny classes ---
+
+
+def test_links_and_odd_names_each_one_entry_with_its_fate(tmp_path):
+    """File links are followed; folder links (a loop up the tree, a class under another name) are
+    not; broken links, link loops and non-UTF-8 names are rejected with a reason; nothing aborts
+    the scan and scanned = accepted + rejected + duplicates stays exact."""
+    import os
+
+    root = tmp_path / "fer"
+    synth.write_fer_like(root, train_per_class=3, test_per_class=1, seed=7)
+    train = root / "train"
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(next((train / "happy").glob("*.jpg")), outside)
+    os.symlink(outside, train / "sad" / "linked_from_outside.jpg")   # a file link: followed
+    os.symlink(root, train / "angry" / "loop")                       # back up the tree
+    os.symlink(train / "happy", train / "contempt")                  # an unknown class, via a link
+    os.symlink(tmp_path / "gone.jpg", train / "fear" / "dangling.jpg")
+    os.symlink("self.jpg", train / "fear" / "self.jpg")              # a link to itself
+    bad_file = os.fsencode(train / "neutral") + b"/caf\xe9.jpg"      # Latin-1, not UTF-8
+    with open(bad_file, "wb") as f:
+        f.write(next((train / "neutral").glob("*.jpg")).read_bytes())
+    os.mkdir(os.fsencode(train) + b"/\xff-folder")
+
+    manifest = prepare(fer_only(str(root)), Store(str(tmp_path / "store")))
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    assert rejected == {
+        "train/angry/loop": "link to a folder (not followed)",
+        "train/contempt": "link to a folder (not followed)",
+        "train/fear/dangling.jpg": "broken link (its target is missing)",
+        "train/fear/self.jpg": "link loop",
+        "train/neutral/caf\\xe9.jpg": "file name is not valid UTF-8",
+        "train/\\xff-folder": "folder name is not valid UTF-8",
+    }
+    totals = manifest["totals"]
+    plain_files = 7 * (3 + 1)
+    assert totals["scanned"] == plain_files + 1 + len(rejected)  # + the followed file link
+    assert totals["scanned"] == totals["accepted"] + totals["rejected"] + totals["duplicates"]
+    # the followed link is a byte copy of a happy image: a duplicate with a conflicting label
+    [dup] = manifest["duplicates"]
+    assert "train/sad/linked_from_outside.jpg" in [dup["kept"], *dup["dropped"]] and dup["conflicting_labels"]
+    assert totals["accepted"] == plain_files
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 1-bit pixels, with no pixel data after it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_every_pillow_mode_decodes_to_the_right_8_bit_image_or_is_refused(tmp_path):
+    import numpy as np
+
+    from mdfer.images import decode_image
+
+    ramp16 = (np.arange(48 * 48, dtype=np.uint32).reshape(48, 48) * 28).astype(np.uint16)  # 0..64484
+    expected8 = np.round(ramp16 / 257).astype(np.uint8)
+    gray = Image.fromarray(expected8, "L")
+    cases = {
+        "I;16 png": (_encoded(Image.fromarray(ramp16), "PNG"), expected8),
+        "I tiff": (_encoded(Image.fromarray(ramp16.astype(np.int32), "I"), "TIFF"), expected8),
+        "F tiff 0..1": (_encoded(Image.fromarray((ramp16 / 65535).astype(np.float32), "F"), "TIFF"),
+                        np.round(ramp16 / 65535 * 255).astype(np.uint8)),
+        "F tiff 0..255": (_encoded(Image.fromarray(expected8.astype(np.float32), "F"), "TIFF"), expected8),
+        "P png": (_encoded(gray.convert("P"), "PNG"), expected8),
+        "LA png": (_encoded(gray.convert("LA"), "PNG"), expected8),
+        "1 png": (_encoded(gray.point(lambda v: 255 if v > 127 else 0).convert("1"), "PNG"),
+                  np.where(expected8 > 127, 255, 0).astype(np.uint8)),
+        "CMYK tiff": (_encoded(gray.convert("RGB").convert("CMYK"), "TIFF"), expected8),
+    }
+    for name, (data, want) in cases.items():
+        got = np.asarray(decode_image(data, 48))
+        assert got.shape == (48, 48, 3) and got.dtype == np.uint8, name
+        assert np.abs(got[..., 0].astype(int) - want).max() <= 1, (name, np.abs(got[..., 0].astype(int) - want).max())
+
+    # in `prepare`: accepted as decoded above, or rejected with a reason; a bomb is never decoded
+    root = tmp_path / "modes"
+    synth.write_fer_like(root, train_per_class=2, test_per_class=1, seed=8)
+    happy = root / "train" / "happy"
+    for name, (data, _) in cases.items():
+        (happy / f"{name.replace(' ', '_').replace(';', '')}.{name.split()[1][:4]}").write_bytes(data)
+    (happy / "hot.tiff").write_bytes(_encoded(Image.fromarray(expected8.astype(np.float32) * 1000, "F"), "TIFF"))
+    (happy / "bomb.png").write_bytes(_png_header_only(30_000, 30_000))   # 900 megapixels claimed
+    (happy / "big.png").write_bytes(_encoded(Image.new("L", (300, 200), 9).point(lambda v: v), "PNG"))
+    config = fer_only(str(root), max_image_pixels=50_000)
+    manifest = prepare(config, Store(str(tmp_path / "store")))
+    rejected = {r["path"].split("/")[-1]: r["reason"] for r in manifest["rejected"]}
+    assert rejected["hot.tiff"].startswith("unsupported pixels: float pixels above 255")
+    assert rejected["bomb.png"].startswith("too large: ") and "Pillow refuses it" in rejected["bomb.png"]
+    assert rejected["big.png"] == "too large: 300x200 = 0 megapixels > data.max_image_pixels (0.05 M)"
+    assert len(rejected) == 3  # every other mode was accepted
+    assert manifest["counts"]["fer2013"]["train"]["happy"] + manifest["counts"]["fer2013"]["val"]["happy"] == 2 + len(cases)
+
+
+def test_tiny_classes_and_empty_splits_are_warned(tmp_path, caplog):
+    root = tmp_path / "tiny"
+    synth.write_fer_like(root, train_per_class=1, test_per_class=1, seed=9)
+    with caplog.at_level("WARNING", logger="mdfer.ingest"):
+        manifest = prepare(fer_only(str(root)), Store(str(tmp_path / "store")))
+    assert sum(manifest["counts"]["fer2013"]["val"].values()) == 0  # one image per class: none to carve
+    assert "fer2013: the val split is empty (7 train images)" in manifest["warnings"][0]
+    assert manifest["warnings"][0] in caplog.text
+    synth.write_fer_like(root, train_per_class=12, test_per_class=1, seed=9)
+    for path in sorted((root / "train" / "disgust").glob("*.jpg"))[1:]:
+        path.unlink()  # one disgust image left: it stays in train
+    warned = prepare(fer_only(str(root)), Store(str(tmp_path / "store2")))["warnings"]
+    assert warned == ["fer2013: no validation image of class disgust (training has 1): "
+                      "its F1 on validation is 0 whatever the model does"]
