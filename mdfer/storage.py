@@ -24,10 +24,12 @@ import pyarrow.fs as pafs
 from mdfer.errors import MdferError
 from mdfer.logs import redact
 
-S3_RETRY_ATTEMPTS = 6
+S3_RETRY_ATTEMPTS = 3  # the SDK's quick retries (throttling); outages are ridden out by `retrying`
 # On top of the SDK's few quick retries: an S3 endpoint that is unreachable (restarting, a
-# network blip) is retried with backoff for this long before the run fails with a clear error.
+# network blip) is retried with backoff until this many seconds have passed since the operation
+# began (wall clock, the SDK's own attempts included), then the run fails with the whole cause.
 OUTAGE_RETRY_S = 60.0
+OUTAGE_ENV = "MDFER_STORE_OUTAGE_S"  # overrides OUTAGE_RETRY_S
 _TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused", "SLOW_DOWN",
               "SERVICE_UNAVAILABLE", "Timeout was reached", "INTERNAL_FAILURE")
 log = logging.getLogger(__name__)
@@ -63,26 +65,43 @@ def _transient(exc: BaseException) -> bool:
         any(marker in str(exc) for marker in _TRANSIENT)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line, credentials redacted."""
+    text = " ".join(line.strip() for line in redact(str(exc)).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def outage_limit() -> float:
+    """Seconds to ride out an unreachable store: $MDFER_STORE_OUTAGE_S, else OUTAGE_RETRY_S."""
+    raw = os.environ.get(OUTAGE_ENV)
+    try:
+        return float(raw) if raw else OUTAGE_RETRY_S
+    except ValueError:
+        raise MdferError(f"{OUTAGE_ENV}={raw!r}: expected a number of seconds") from None
+
+
 def retrying(uri: str, operation: Callable[[], Any], is_s3: bool = True) -> Any:
-    """Run a store operation, riding out a brief S3 outage; other errors pass straight through."""
-    delay, waited = 0.5, 0.0
+    """Run a store operation, riding out a brief S3 outage for at most `outage_limit()` seconds
+    of wall clock; other errors pass straight through."""
+    delay, started = 0.5, time.monotonic()
     while True:
         try:
             return operation()
         except Exception as exc:
-            if not (is_s3 and _transient(exc)) or waited >= OUTAGE_RETRY_S:
+            if not (is_s3 and _transient(exc)):
                 raise
-            log.warning("%s: store unreachable (%s); retrying in %.1f s", uri,
-                        redact(str(exc)).splitlines()[0][:120], delay)
+            spent, limit = time.monotonic() - started, outage_limit()
+            if spent + delay > limit:
+                raise MdferError(f"store unreachable for {spent:.0f} s ({OUTAGE_ENV}={limit:g}): "
+                                 f"{one_line(exc)}") from exc
+            log.warning("%s: store unreachable (%s); retrying in %.1f s", uri, one_line(exc), delay)
             time.sleep(delay)
-            waited += delay
             delay = min(2 * delay, 8.0)
 
 
 def storage_error(uri: str, exc: BaseException) -> MdferError:
-    """A one-line, credential-free error that names the location."""
-    text = redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
-    return MdferError(f"{uri}: {text}")
+    """A one-line, credential-free error that names the location and gives the whole cause."""
+    return MdferError(f"{uri}: {one_line(exc)}")
 
 
 @dataclass

@@ -59,3 +59,31 @@ def test_long_outage_is_a_clear_error_without_credentials(outage_store, fresh_s3
         assert secret not in message
     fresh_s3_server.start()
     assert not outage_store.exists("never.bin")  # nothing half-written
+
+
+def test_unreachable_endpoint_fails_within_the_limit_with_the_whole_cause(monkeypatch):
+    """Connection refused on every attempt: the wall-clock limit (MDFER_STORE_OUTAGE_S) bounds the
+    whole operation, the SDK's own attempts included, and the cause is given whole, on one line."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused-secret-value")
+    monkeypatch.setenv(storage.OUTAGE_ENV, "4")
+    monkeypatch.setattr(storage, "S3_RETRY_ATTEMPTS", 2)
+    started = time.monotonic()
+    with pytest.raises(MdferError) as failure:
+        Store("s3://bucket/prefix").write_bytes("x.bin", b"x")
+    elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert 2.0 <= elapsed < 4 + 10, elapsed  # it retried up to the limit, and not far past it
+    assert message.startswith("s3://bucket/prefix/x.bin: store unreachable for ")
+    assert f"({storage.OUTAGE_ENV}=4): " in message and "\n" not in message
+    cause = message.split(f"({storage.OUTAGE_ENV}=4): ", 1)[1]
+    assert len(cause) > 20 and not cause.endswith("...") and "unused-secret-value" not in message
+    monkeypatch.setenv(storage.OUTAGE_ENV, "soon")
+    with pytest.raises(MdferError, match="MDFER_STORE_OUTAGE_S='soon': expected a number of seconds"):
+        Store("s3://bucket/prefix").write_bytes("x.bin", b"x")
