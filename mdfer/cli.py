@@ -21,8 +21,38 @@ DEFAULT_STORE = "mdfer-home/store"
 DEFAULT_DATA = "mdfer-home/data"
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (default: the embedded default.yaml)")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("(default" not in text and action.default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings):
+            text += f" (default: {action.default})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with mdfer's conventions: a usage mistake is one line and exit 2, like every other
+    user error, and the defaults are in the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def _config_args(p: argparse.ArgumentParser, embedded: str = DEFAULT_CONFIG) -> None:
+    p.add_argument("--config", help=f"YAML config (default: the embedded {embedded}, mdfer/configs/{embedded})")
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
                    help="root folder or s3:// prefix of dataset NAME (repeatable)")
 
@@ -116,6 +146,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_run_on_folders(store, args.run_id, data, args.weights, args.flip_tta)
     else:
         result = evaluate_run(store, args.run_id, args.split, args.weights, args.inference_lowpass, args.flip_tta)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
     if data:
         for line in result["summary"]:
             print(line)
@@ -200,11 +233,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """JSON for every image on stdout; an image that cannot be read is one line on stderr, its
-    entry says why, the others are predicted, and the exit code is 2."""
+    """A line per image (its top class and probability per head), or with --json every
+    probability; an image that cannot be read is one line on stderr (and its JSON entry says
+    why), the others are predicted, and the exit code is 2."""
     from mdfer.predict import predict_files
     results = predict_files(args.model, args.images)
-    print(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for row in results:
+            tops = "  ".join(f"{head} {entry['top']} {entry['probabilities'][entry['top']]:.2f}"
+                             for head, entry in row.get("heads", {}).items())
+            print(f"{row['image']}: {tops or 'not predicted (see the error)'}")
     failed = [row for row in results if "error" in row]
     for row in failed:
         print(f"mdfer predict: error: {redact(row['error'])}", file=sys.stderr)
@@ -219,6 +259,9 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     from mdfer import artifacts
     export, source, raw = artifacts.open_export(args.store, args.run_id, args.sweep_id)
     if args.action == "list":
+        if args.json:
+            print(json.dumps(export.manifest, indent=2))
+            return 0
         for line in artifacts.list_lines(export):
             print(line)
         return 0
@@ -233,24 +276,31 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "prepare": (cmd_prepare, "validate, de-duplicate and split datasets into Parquet shards"),
     "train": (cmd_train, "train the stages of a run on Ray Train (resumes or skips finished stages)"),
     "tune": (cmd_tune, "Ray Tune sweep per stage, each trial a Ray Train run (resumes or skips finished stages)"),
-    "evaluate": (cmd_evaluate, "score a run on a prepared split: metrics.json and confusion-matrix PNGs"),
+    "evaluate": (cmd_evaluate, "score a run or an exported model on a prepared split or labelled class folders: "
+                               "metrics.json and confusion-matrix PNGs"),
     "pipeline": (cmd_pipeline, "prepare -> train -> evaluate -> export in one command (no arguments: generated demo data)"),
     "export": (cmd_export, "export a run's model: .keras, .tflite (float32, optimized, int8), ONNX, Hailo bundle/HEF"),
-    "predict": (cmd_predict, "run an exported model (.keras, .tflite, .onnx) on image files; JSON out"),
+    "predict": (cmd_predict, "run an exported model (.keras, .tflite, .onnx) on image files or folders"),
     "artifacts": (cmd_artifacts, "list or fetch (sha256-verified) the exported model files of a run or sweep"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mdfer", description=__doc__.splitlines()[0])
+    from mdfer import __version__
+    parser = _Parser(prog="mdfer", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mdfer {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+    common = _Parser(add_help=False)  # also accepted after the command: `mdfer train ... --debug`
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parsers = {name: sub.add_parser(name, help=text, description=text, parents=[common])
+               for name, (_, text) in COMMANDS.items()}
 
     p = parsers["synth"]
     p.add_argument("--out", default=DEFAULT_DATA, help="folder to write into")
-    p.add_argument("--per-class", type=int, default=60, help="training images per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=_positive_int, default=60, help="training images per class")
+    p.add_argument("--seed", type=int, default=0, help="the generator's seed: the same seed writes the same files")
 
     p = parsers["prepare"]
     _config_args(p)
@@ -261,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     p.add_argument("--dataset-id", required=True, help="a prepared dataset in the store (see prepare)")
     p.add_argument("--run-id", required=True, help="names the run; rerun the same id to resume")
-    p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
+    p.add_argument("--workers", type=_positive_int, help="Ray Train workers (overrides train.workers)")
     _address_arg(p)
 
     p = parsers["tune"]
@@ -285,18 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: folders named like the classes, any case)")
     p.add_argument("--flip-tta", action="store_true",
                    help="test-time augmentation: average each image's and its mirror image's probabilities")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split of the run's dataset to score")
+    p.add_argument("--json", action="store_true", help="print the whole result (metrics.json) instead of the table")
     p.add_argument("--weights", help="weights file (.weights.h5/.keras, local or s3://) instead of the run's best")
     p.add_argument("--inference-lowpass", type=int, metavar="W",
                    help="score with this input blur instead of the run's model.inference_lowpass "
                         "(0 = none); report in report/<split>-lowpass<W>/")
 
     p = parsers["pipeline"]
-    _config_args(p)
+    _config_args(p, DEMO_CONFIG)
     _store_arg(p)
     p.add_argument("--run-id", help="default: derived from the config and dataset, so a rerun resumes")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="where generated data goes when no roots are set")
-    p.add_argument("--synth-per-class", type=int, default=150, help="generated training images per class")
+    p.add_argument("--synth-per-class", type=_positive_int, default=150, help="generated training images per class")
     _address_arg(p)
     _export_args(p)
 
@@ -310,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["predict"]
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, gray or RGB) or folders of them")
     p.add_argument("--model", required=True, help="an exported .keras, .tflite or .onnx file")
+    p.add_argument("--json", action="store_true", help="JSON: every head's probabilities per image, instead of the table")
 
     actions = parsers["artifacts"].add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("list", "print each exported file with size and sha256, and the .hef status"),
@@ -321,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         which.add_argument("--sweep-id", help="the sweep whose export/ to read")
         if action == "fetch":
             p.add_argument("--dest", help="folder to download into (default: ./<id>-export)")
+        else:
+            p.add_argument("--json", action="store_true", help="print the export manifest as JSON instead of lines")
     return parser
 
 

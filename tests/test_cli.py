@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -59,3 +60,30 @@ def test_synth_writes_both_layouts(tmp_path):
     assert len(list((tmp_path / "fer2013" / "train" / "happy").glob("*.jpg"))) == 4
     assert len(list((tmp_path / "fer2013" / "test" / "happy").glob("*.jpg"))) == 2
     assert len(list((tmp_path / "fane" / "fane_data").glob("*/*.jpg"))) == 9 * 5
+
+
+def test_cli_conventions_version_debug_anywhere_defaults_in_help():
+    import mdfer
+    assert run("--version").stdout.strip() == f"mdfer {mdfer.__version__}"
+    after = run("prepare", "--config", "/nope/missing.yaml", "--debug")  # --debug after the command
+    assert after.returncode != 0 and "Traceback" in after.stderr
+    wide = {**os.environ, "COLUMNS": "300"}  # no line breaks inside a help text
+    helped = run("evaluate", "--help", env=wide).stdout
+    assert "(default: test)" in helped and "(default: mdfer-home/store)" in helped
+    assert "--debug" in helped and "(default: None)" not in helped and "(default: False)" not in helped
+    assert "embedded demo.yaml" in run("pipeline", "--help", env=wide).stdout  # the config it really uses
+    assert "embedded default.yaml" in run("prepare", "--help", env=wide).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["synth", "--per-class", "-3"], "mdfer synth: error: argument --per-class: -3 is not a positive whole number"),
+    (["train", "--run-id", "x"], "mdfer train: error: the following arguments are required: --dataset-id"),
+    (["nosuch"], "mdfer: error: argument COMMAND: invalid choice: 'nosuch'"),
+    (["evaluate", "--run-id", "../outside"], "mdfer evaluate: error: --run-id '../outside': use letters"),
+    (["export", "--sweep-id", "a/b"], "mdfer export: error: --sweep-id 'a/b': use letters"),
+])
+def test_usage_mistakes_are_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr

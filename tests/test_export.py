@@ -147,7 +147,7 @@ def test_predict_runs_every_format_on_image_files(exported, tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(color)
     results = {}
     for name in (KERAS_FILE, TFLITE_FLOAT32, TFLITE_INT8, ONNX_FILE):
-        done = run_mdfer("predict", str(gray), str(color), "--model", str(folder / name))
+        done = run_mdfer("predict", str(gray), str(color), "--model", str(folder / name), "--json")
         assert done.returncode == 0, done.stderr[-2000:]
         results[name] = json.loads(done.stdout)
     for name, rows in results.items():
@@ -200,9 +200,12 @@ def test_predict_goes_on_past_a_bad_image_and_takes_folders(exported, tmp_path):
     Image.new("RGB", (64, 50), (120, 80, 60)).save(tmp_path / "sub" / "c.jpg")
     (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not really")
     Image.new("L", (20, 20)).save(tmp_path / ".hidden.png")
-    done = run_mdfer("predict", str(tmp_path), "--model", str(exported["folder"] / TFLITE_FLOAT32))
+    done = run_mdfer("predict", str(tmp_path), "--model", str(exported["folder"] / TFLITE_FLOAT32), "--json")
     assert done.returncode == 2, done.stderr[-2000:]
     rows = json.loads(done.stdout)
+    table = run_mdfer("predict", str(tmp_path / "a.png"), "--model", str(exported["folder"] / TFLITE_FLOAT32))
+    top = rows[0]["heads"]["fer2013"]["top"]
+    assert table.returncode == 0 and table.stdout.startswith(f"{tmp_path / 'a.png'}: fer2013 {top} ")
     assert [Path(row["image"]).relative_to(tmp_path).as_posix() for row in rows] == ["a.png", "b.jpg", "sub/c.jpg"]
     assert "b.jpg: not a readable image" in rows[1]["error"] and "heads" not in rows[1]
     assert all(set(row["heads"]) == {"fer2013", "fane", "domain"} for row in (rows[0], rows[2]))
