@@ -22,11 +22,21 @@ MODEL_SUFFIXES = (".keras", ".tflite", ".onnx")
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
+def _image_size(path: str, shape) -> int:
+    """The square size of an NHWC RGB image input [1|?, size, size, 3]; a clear error otherwise
+    (a foreign model with an NCHW or flat input would fail later with a shape error)."""
+    dims = list(shape)
+    if len(dims) != 4 or dims[3] != 3 or dims[1] != dims[2] or not isinstance(dims[1], (int, np.integer)):
+        raise MdferError(f"{path}: its input has shape {dims}, not [1, size, size, 3] (NHWC RGB): "
+                         f"not an mdfer export")
+    return int(dims[1])
+
+
 class KerasRunner:
     def __init__(self, path: str):
         import keras
         self.model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        self.image_size = int(self.model.input_shape[1])
+        self.image_size = _image_size(path, self.model.input_shape)
         self.heads = list(self.model.output_names)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -48,7 +58,7 @@ class TFLiteRunner:
         self.runner = self.interpreter.get_signature_runner(TFLITE_SIGNATURE)
         (name, detail), = self.runner.get_input_details().items()
         self.input_name, self.input_dtype = name, detail["dtype"]
-        self.image_size = int(detail["shape"][1])
+        self.image_size = _image_size(path, detail["shape"])
         self.heads = list(signatures[TFLITE_SIGNATURE]["outputs"])
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,8 +78,12 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        (self.input,) = self.session.get_inputs()
-        self.image_size = int(self.input.shape[1])
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise MdferError(f"{path}: {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); an mdfer "
+                             f"export has one image input")
+        (self.input,) = inputs
+        self.image_size = _image_size(path, self.input.shape)
         self.heads = [output.name for output in self.session.get_outputs()]
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:

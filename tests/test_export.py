@@ -223,3 +223,20 @@ def test_predict_damaged_sidecar_or_junk_model_is_one_line(exported, tmp_path):
         assert done.returncode == 2, (model, done.stderr[-2000:])
         assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_foreign_onnx_model_is_named_as_not_ours(tmp_path):
+    """An ONNX model with an NCHW input (what most vision exports have) is named as not ours
+    before any image is run through it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mdfer.predict import open_model
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "foreign",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 48, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 48, 48])])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(MdferError, match=r"foreign\.onnx: its input has shape \[1, 3, 48, 48\], not \[1, size, size, 3\]"):
+        open_model(str(path))
