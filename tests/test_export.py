@@ -240,3 +240,32 @@ def test_a_foreign_onnx_model_is_named_as_not_ours(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
     with pytest.raises(MdferError, match=r"foreign\.onnx: its input has shape \[1, 3, 48, 48\], not \[1, size, size, 3\]"):
         open_model(str(path))
+
+
+def test_predict_on_tflite_in_a_fresh_venv_without_ray_or_tensorflow(exported, tmp_path):
+    """The inference install of README: mdfer without its dependencies plus requirements/predict.txt
+    (numpy, Pillow, PyYAML, ai-edge-litert) runs `mdfer predict` on the float32 TFLite, and gives the
+    same probabilities as the full install."""
+    import subprocess
+    import venv
+
+    repo = Path(__file__).parents[1]
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    for args in (["--no-deps", str(repo)], ["-r", str(repo / "requirements" / "predict.txt")]):
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    missing = subprocess.run([str(python), "-c", "import importlib.util as u; "
+                              "print([m for m in ('ray', 'tensorflow', 'keras', 'pyarrow') if u.find_spec(m)])"],
+                             capture_output=True, text=True)
+    assert missing.stdout.strip() == "[]", missing.stdout  # none of them is there
+    image = tmp_path / "face.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (57, 61), dtype=np.uint8), "L").save(image)
+    model = str(exported["folder"] / TFLITE_FLOAT32)
+    light = subprocess.run([str(env_dir / "bin" / "mdfer"), "predict", str(image), "--model", model, "--json"],
+                           capture_output=True, text=True, timeout=120)
+    assert light.returncode == 0, light.stderr[-3000:]
+    full = run_mdfer("predict", str(image), "--model", model, "--json")
+    assert json.loads(light.stdout) == json.loads(full.stdout)
