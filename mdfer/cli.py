@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 
@@ -26,8 +25,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("(default" not in text and action.default not in (None, False, [], argparse.SUPPRESS)
-                and action.option_strings):
+        default = action.default
+        if ("(default" not in text and action.option_strings and default is not None and default is not False
+                and default != [] and default is not argparse.SUPPRESS):
             text += f" (default: {action.default})"
         return text
 
@@ -45,7 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
     return value
@@ -74,8 +77,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, embedded: str = DEFAULT_CONFIG):
-    from mdfer.config import parse_data_roots
-    return load_config(args.config, parse_data_roots(args.data_root), embedded)
+    from mdfer.config import parse_name_paths
+    return load_config(args.config, parse_name_paths(args.data_root), embedded)
 
 
 # ---------------------------------------------------------------- commands
@@ -127,10 +130,11 @@ MAX_LISTED_REJECTS = 20  # beyond this, rejected files are counted by reason (al
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mdfer.evaluate import evaluate_model_file, evaluate_run, evaluate_run_on_folders, parse_data_args
+    from mdfer.config import parse_name_paths
+    from mdfer.evaluate import evaluate_model_file, evaluate_run, evaluate_run_on_folders
     from mdfer.storage import Store
     store = Store(args.store)
-    data = parse_data_args(args.data)
+    data = parse_name_paths(args.data, "--data")
     if args.model and not data:
         raise ConfigError("--model needs --data NAME=PATH (the class folders to score it on)")
     if data and (args.split != "test" or args.inference_lowpass is not None):
@@ -154,6 +158,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(line)
         for rejected in result["rejected"][:MAX_LISTED_REJECTS]:
             print(f"  rejected {rejected['domain']}: {rejected['path']}: {rejected['reason']}")
+        if len(result["rejected"]) > MAX_LISTED_REJECTS:
+            print(f"  ... and {len(result['rejected']) - MAX_LISTED_REJECTS} more (counted by reason above; "
+                  f"every one in metrics.json)")
     _print_headline(result)
     print(f"report: {result['report']}/")
     return 0
@@ -366,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = parsers["artifacts"].add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("list", "print each exported file with size and sha256, and the .hef status"),
                          ("fetch", "download every exported file with boto3 and verify its sha256")):
-        p = actions.add_parser(action, help=text, description=text)
+        p = actions.add_parser(action, help=text, description=text, parents=[common])
         _store_arg(p)
         which = p.add_mutually_exclusive_group(required=True)
         which.add_argument("--run-id", help="the run whose export/ to read")
@@ -378,17 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STORE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one folder name in the store: no '/', no '..'
-
-
 def _check_ids(args: argparse.Namespace) -> None:
     """Run, sweep and dataset ids become store keys: one plain folder name each, so an id can
     never read or write outside its prefix (`--run-id ../x`)."""
+    from mdfer.config import FOLDER_NAME_RULE, is_folder_name
     for option in ("run_id", "sweep_id", "dataset_id"):
         value = getattr(args, option, None)
-        if value is not None and (not STORE_ID.fullmatch(value) or ".." in value):
-            raise ConfigError(f"--{option.replace('_', '-')} {value!r}: use letters, digits, '_', '-' and '.' "
-                              f"(not '..'), starting with a letter or digit, at most 128 characters")
+        if value is not None and not is_folder_name(value):
+            raise ConfigError(f"--{option.replace('_', '-')} {value!r}: use {FOLDER_NAME_RULE} characters")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,13 @@ WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its o
 DOMAIN_HEAD = "domain"
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: momentum 0.9, Nesterov
-STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a stage name is a folder of the run in the store
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one folder in the store: no '/', no '..'
+FOLDER_NAME_RULE = "letters, digits, '_', '-' and '.' (not '..'), starting with a letter or digit, at most 128"
+
+
+def is_folder_name(text: str) -> bool:
+    """Whether `text` can name one folder of the store (a stage, a run, a sweep, a dataset id)."""
+    return bool(FOLDER_NAME.fullmatch(text)) and ".." not in text
 # names of the model's own layers: a dataset (whose name is also its head's name) cannot take them
 RESERVED_NAMES = ("image", "preprocess", "lowpass", "backbone", "pool", "head_dropout", DOMAIN_HEAD)
 
@@ -184,6 +190,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged, not a key
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
@@ -396,8 +404,8 @@ def validate(config: Config) -> None:
     stage_names = [stage.name for stage in train.stages]
     for i, stage in enumerate(train.stages):
         key = f"train.stages[{i}]"
-        need(bool(STAGE_NAME.fullmatch(stage.name)) and stage.name not in (".", ".."), f"{key}.name",
-             f"{stage.name!r}: use letters, digits, '_', '-' and '.' only (it names a folder in the store)")
+        need(is_folder_name(stage.name), f"{key}.name", f"{stage.name!r}: it names a folder in the store; use "
+             f"{FOLDER_NAME_RULE}")
         need(stage_names.count(stage.name) == 1, f"{key}.name", f"{stage.name!r} names two stages")
         need(stage.lr > 0, f"{key}.lr", f"{stage.lr} must be > 0")
         need(0 <= stage.frozen_fraction <= 1, f"{key}.frozen_fraction",
@@ -427,12 +435,14 @@ def require_roots(config: Config) -> None:
                               f"{d.root} is not a folder")
 
 
-def parse_data_roots(pairs: list[str]) -> dict[str, str]:
-    """`NAME=PATH` pairs from the command line."""
-    roots = {}
+def parse_name_paths(pairs: list[str], option: str = "--data-root") -> dict[str, str]:
+    """`NAME=PATH` pairs from the command line (`option` names them in errors), each name once."""
+    paths: dict[str, str] = {}
     for pair in pairs:
-        name, sep, root = pair.partition("=")
-        if not sep or not name or not root:
-            raise ConfigError(f"--data-root {pair!r}: expected NAME=PATH")
-        roots[name] = root
-    return roots
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{option} {pair!r}: expected NAME=PATH")
+        if name in paths:
+            raise ConfigError(f"{option} {name}=...: given twice")
+        paths[name] = path
+    return paths

@@ -11,6 +11,7 @@ for an exported model to `evaluations/<model>-<sha>/<dataset-id>/`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import tempfile
@@ -137,20 +138,6 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
 # ---------------------------------------------------------------- labelled class folders
 
 
-def parse_data_args(pairs: list[str]) -> dict[str, str]:
-    """`--data NAME=PATH` pairs (each name once)."""
-    data = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--data {pair!r}: expected NAME=PATH (a dataset name of the model and a "
-                              f"folder of class folders, local or s3://)")
-        if name in data:
-            raise ConfigError(f"--data {name}=...: given twice")
-        data[name] = path
-    return data
-
-
 def _check_class_folders(domain: DomainConfig) -> None:
     """Before reading every file: the root must hold at least one class folder of this dataset,
     else the usual mistake (the dataset's root with train/ and test/ in it) would reject every
@@ -171,13 +158,12 @@ def _check_class_folders(domain: DomainConfig) -> None:
                         f"{', '.join(sorted(domain.folders))}); point it at the folder that holds the class folders")
 
 
-def prepare_folders(store: Store, domains: list[DomainConfig], min_image_side: int) -> dict:
+def prepare_folders(store: Store, domains: list[DomainConfig], checks: DataConfig) -> dict:
     """The class folders as a dataset in the store (every file checked as `prepare` checks it,
-    exact duplicates dropped, all of it one split); returns its manifest. Content-derived id:
-    scoring the same folders again reuses it."""
-    config = Config(data=DataConfig(domains=domains, min_image_side=min_image_side), train=TrainConfig(stages=[]),
-                    source="--data")
-    return prepare(config, store)
+    with the limits of `checks`, exact duplicates dropped, all of it one split); returns its
+    manifest. Content-derived id: scoring the same folders again reuses it."""
+    data = dataclasses.replace(checks, domains=domains)
+    return prepare(Config(data=data, train=TrainConfig(stages=[]), source="--data"), store)
 
 
 def _folder_domain(name: str, path: str, classes: dict[str, list[str]], folders: dict[str, dict[str, str]]) -> DomainConfig:
@@ -191,12 +177,12 @@ def _folder_domain(name: str, path: str, classes: dict[str, list[str]], folders:
 
 
 def _score_folders(store: Store, load: Callable[[], tuple[Predict, int]], classes: dict[str, list[str]],
-                   domains: list[DomainConfig], min_image_side: int, flip: bool, report_prefix: Callable[[str], str],
+                   domains: list[DomainConfig], checks: DataConfig, flip: bool, report_prefix: Callable[[str], str],
                    **facts) -> dict:
     """Prepare the folders, then (only then: a bad folder costs no model load) load the model
     with `load() -> (predict, image size)` and score it."""
     from mdfer.report import write_report
-    manifest = prepare_folders(store, domains, min_image_side)
+    manifest = prepare_folders(store, domains, checks)
     predict, image_size = load()
     order = list(classes)  # the model's domain order
     domain_index = np.asarray([order.index(d.name) for d in domains])
@@ -225,7 +211,7 @@ def evaluate_run_on_folders(store: Store, run_id: str, data: dict[str, str], wei
                for name, path in data.items()]
     weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
     return _score_folders(store, lambda: (keras_predict(load_for_eval(config, weights)), config.model.image_size),
-                          classes, domains, config.data.min_image_side, flip,
+                          classes, domains, config.data, flip,
                           lambda ds: run_key(run_id, "report", f"data-{ds}"), run_id=run_id, weights=weights)
 
 
@@ -263,7 +249,7 @@ def evaluate_model_file(store: Store, model_path: str, data: dict[str, str], con
         return runner, runner.image_size
 
     digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:12]
-    min_side = config.data.min_image_side if config is not None else DataConfig(domains=[]).min_image_side
-    return _score_folders(store, load, classes, domains, min_side, flip,
+    checks = config.data if config is not None else DataConfig(domains=[])
+    return _score_folders(store, load, classes, domains, checks, flip,
                           lambda ds: f"{EVALUATIONS}/{Path(model_path).stem}-{digest}/{ds}",
                           model=str(model_path), model_sha256_12=digest)

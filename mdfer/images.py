@@ -31,7 +31,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64)
         low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
         if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
-            raise ValueError(f"{image.mode} pixels outside 0..65535 (min {low:g}, max {high:g})")
+            raise ValueError(f"{image.mode} pixels below 0 or not finite (min {low:g}, max {high:g})")
         if image.mode in _SIXTEEN_BIT or (image.mode == "I" and high > 255):
             if high > 65535:
                 raise ValueError(f"{image.mode} pixels above 65535 (max {high:g})")

@@ -110,41 +110,54 @@ class Listed:
     problem: str = ""
 
 
+def _shown(path: str, root: str) -> str:
+    """A path relative to the root, "/"-separated, as valid UTF-8 (undecodable bytes as \\xNN)."""
+    return os.fsencode(os.path.relpath(path, root).replace(os.sep, "/")).decode("utf-8", "backslashreplace")
+
+
 def _list_local(root: str, split: str, folder: str) -> list[Listed]:
     """Every entry under a local split folder, by one rule: file links are followed to their
     file; a link to a folder is not followed (a loop back up the tree, or a second copy of a
     class, would count files twice or under another class); broken links, link loops, names
     that are not UTF-8 and special files are entries with a problem. Nothing is skipped
     silently, and no entry can stop the scan."""
-    found = []
-    pending = [os.path.join(root, folder) if folder else root]
+    top = os.path.join(root, folder) if folder else root
+    found, pending = [], [top]
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
-                shown = os.fsencode(rel).decode("utf-8", "backslashreplace")  # printable, valid UTF-8
-                kind = "folder" if entry.is_dir(follow_symlinks=False) else "file"
-                if shown != rel:
-                    found.append(Listed(split, shown, 0, f"{kind} name is not valid UTF-8"))
-                elif entry.is_symlink():
-                    try:
-                        target = os.stat(entry.path)  # follows the link
-                    except OSError as exc:
-                        loop = exc.errno == errno.ELOOP
-                        found.append(Listed(split, rel, 0, "link loop" if loop else "broken link (its target is missing)"))
-                        continue
-                    if stat.S_ISDIR(target.st_mode):
-                        found.append(Listed(split, rel, 0, "link to a folder (not followed)"))
-                    elif stat.S_ISREG(target.st_mode):
-                        found.append(Listed(split, rel, target.st_size))
-                    else:
-                        found.append(Listed(split, rel, 0, "link to something that is not a file"))
-                elif kind == "folder":
-                    pending.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    found.append(Listed(split, rel, entry.stat(follow_symlinks=False).st_size))
+        current = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError as exc:  # an unreadable subfolder is one rejected entry, not the end of the scan
+            if current == top:
+                raise
+            found.append(Listed(split, _shown(current, root), 0, f"folder unreadable: {exc.strerror or exc}"))
+            continue
+        for entry in entries:
+            rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
+            shown = _shown(entry.path, root)
+            kind = "folder" if entry.is_dir(follow_symlinks=False) else "file"
+            if shown != rel:
+                found.append(Listed(split, shown, 0, f"{kind} name is not valid UTF-8"))
+            elif entry.is_symlink():
+                try:
+                    target = os.stat(entry.path)  # follows the link
+                except OSError as exc:
+                    problem = {errno.ELOOP: "link loop", errno.ENOENT: "broken link (its target is missing)"}.get(
+                        exc.errno, f"link target unreadable: {exc.strerror or exc}")
+                    found.append(Listed(split, rel, 0, problem))
+                    continue
+                if stat.S_ISDIR(target.st_mode):
+                    found.append(Listed(split, rel, 0, "link to a folder (not followed)"))
+                elif stat.S_ISREG(target.st_mode):
+                    found.append(Listed(split, rel, target.st_size))
                 else:
-                    found.append(Listed(split, rel, 0, "not a regular file (a pipe, socket or device)"))
+                    found.append(Listed(split, rel, 0, "link to something that is not a file"))
+            elif kind == "folder":
+                pending.append(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                found.append(Listed(split, rel, entry.stat(follow_symlinks=False).st_size))
+            else:
+                found.append(Listed(split, rel, 0, "not a regular file (a pipe, socket or device)"))
     return found
 
 
@@ -204,20 +217,19 @@ def _inspect(domain: DomainConfig, fs: pafs.FileSystem, root: str, listed: Liste
         scanned.reason = "empty file (0 bytes)"
         return scanned
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(io.BytesIO(data)) as image:
-                scanned.width, scanned.height = image.size  # from the header: nothing decoded yet
-                if scanned.width * scanned.height > max_pixels:
-                    scanned.reason = (f"too large: {scanned.width}x{scanned.height} = {scanned.width * scanned.height / 1e6:.0f} "
-                                      f"megapixels > data.max_image_pixels ({max_pixels / 1e6:g} M)")
-                    return scanned
-                image.load()
-                try:
-                    gray = to_rgb8(image).convert("L")
-                except ValueError as exc:
-                    scanned.reason = f"unsupported pixels: {exc}"
-                    return scanned
+        with Image.open(io.BytesIO(data)) as image:
+            scanned.width, scanned.height = image.size  # from the header: nothing decoded yet
+            pixels = scanned.width * scanned.height
+            if pixels > max_pixels:
+                scanned.reason = (f"too large: {scanned.width}x{scanned.height} = {pixels / 1e6:.3g} megapixels "
+                                  f"> data.max_image_pixels ({max_pixels / 1e6:.3g} M)")
+                return scanned
+            image.load()
+            try:
+                gray = to_rgb8(image).convert("L")
+            except ValueError as exc:
+                scanned.reason = f"unsupported pixels: {exc}"
+                return scanned
     except Image.DecompressionBombError as exc:  # beyond Pillow's own hard limit, before decoding
         scanned.reason = f"too large: {str(exc).split('(')[-1].split(')')[0]} (Pillow refuses it)"
         return scanned
@@ -247,6 +259,9 @@ def scan(config: Config) -> list[ScannedFile]:
         fs, root = resolve(domain.root)
         jobs += [(domain, fs, root, entry) for entry in listed]
     limits = (config.data.min_image_side, config.data.max_image_pixels)
+    # data.max_image_pixels decides, from the header; Pillow's own warning below its hard limit
+    # would only repeat that (set here, once: the filter list is global, the threads share it)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     with ThreadPoolExecutor(READ_THREADS) as pool, tqdm(total=len(jobs), desc="scan", unit="file") as bar:
         results = []
         for result in pool.map(lambda job: _inspect(*job, *limits), jobs):

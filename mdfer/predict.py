@@ -154,8 +154,9 @@ def head_classes(model_path: str) -> dict[str, list[str]]:
 
 
 def predict_files(model_path: str, image_paths: list[str]) -> list[dict]:
-    """Per image, per head: the probabilities by class name and the top class. An image that
-    cannot be read gets {"image", "error"} instead, and the others are still predicted."""
+    """Per image, per head (in heads.json's order; a runtime may list them otherwise): the
+    probabilities by class name and the top class. An image that cannot be read gets
+    {"image", "error"} instead, and the others are still predicted."""
     runner = open_model(model_path)
     classes = head_classes(model_path)
     results = []
@@ -167,7 +168,7 @@ def predict_files(model_path: str, image_paths: list[str]) -> list[dict]:
             continue
         probs = runner(image[None])
         heads = {}
-        for name in runner.heads:
+        for name in [h for h in classes if h in runner.heads] + [h for h in runner.heads if h not in classes]:
             row = [float(p) for p in probs[name][0]]
             labels = classes.get(name) or [str(i) for i in range(len(row))]
             heads[name] = {"top": labels[int(np.argmax(row))],

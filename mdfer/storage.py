@@ -114,6 +114,8 @@ class Store:
         self.fs, self.root = resolve(self.uri)  # an unsupported scheme fails here
         self.uri = self.uri.rstrip("/") if self.uri.startswith("s3://") else self.root
         self.is_s3 = self.uri.startswith("s3://")
+        if self.is_s3:
+            outage_limit()  # a bad MDFER_STORE_OUTAGE_S is said now, not in the middle of an outage
 
     def path(self, key: str = "") -> str:
         """The file-system path of a key (what pyarrow and Ray Data take with `self.fs`)."""

@@ -42,9 +42,9 @@ def scheduled_lr(stage: StageConfig, epoch: int, step: int = 0, steps: int = 1) 
     return stage.lr
 
 
-def epoch_lr(stage: StageConfig, epoch: int) -> float:
-    """The learning rate at the start of an epoch: what the epoch's metrics report as `lr`."""
-    return scheduled_lr(stage, epoch)
+def epoch_lr(stage: StageConfig, epoch: int, steps: int = 1) -> float:
+    """The learning rate of an epoch's first step (of `steps`): what its metrics report as `lr`."""
+    return scheduled_lr(stage, epoch, 0, steps)
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float):
@@ -184,7 +184,7 @@ def train_stage(loop_config: dict) -> None:
                 worker_line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
             break
         per_step_lr = stage.lr_schedule != "constant" or epoch <= stage.warmup_epochs
-        epoch_start_lr = epoch_lr(stage, epoch)
+        epoch_start_lr = epoch_lr(stage, epoch, plan.steps_per_epoch)
         optimizer.learning_rate.assign(epoch_start_lr)
         started = time.perf_counter()
         loss_sum, steps, data_wait = 0.0, 0, 0.0
@@ -196,7 +196,7 @@ def train_stage(loop_config: dict) -> None:
             if batch is None:
                 break
             batch["image"] = batch["image"].astype(np.float32)
-            if per_step_lr and steps:
+            if per_step_lr and steps:  # step 0's LR is set above
                 optimizer.learning_rate.assign(scheduled_lr(stage, epoch, steps, plan.steps_per_epoch))
             loss, _ = train_step({k: tf.constant(v) for k, v in batch.items()})
             loss_sum, steps = loss_sum + float(loss), steps + 1

@@ -50,6 +50,7 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["train"]["stages"][1].update(name="../runs"), "train.stages[1].name", "names a folder in the store"),
     (lambda c: c["train"]["stages"][1].update(name="a/b"), "train.stages[1].name", "names a folder in the store"),
     (lambda c: c["train"]["stages"][1].update(name=".."), "train.stages[1].name", "names a folder in the store"),
+    (lambda c: c["train"]["stages"][1].update(name="-x"), "train.stages[1].name", "starting with a letter or digit"),
     (lambda c: c["train"]["stages"][2].update(name="stage1"), "train.stages[0].name", "'stage1' names two stages"),
     (lambda c: c["train"].update(optimizer="rmsprop"), "train.optimizer", "'rmsprop' is not one of adam, adamw, sgd"),
     (lambda c: c["train"].update(weight_decay=0.05), "train.weight_decay", "use optimizer: adamw"),
@@ -187,7 +188,8 @@ def test_warmup_then_cosine_per_step_to_lr_end(tmp_path):
     assert decay[0] == pytest.approx(1e-3) and decay == sorted(decay, reverse=True)
     assert scheduled_lr(stage, 5, steps, steps) == pytest.approx(1e-4)  # the end of the last epoch
     assert decay[-1] > 1e-4 and decay[len(decay) // 2] == pytest.approx((1e-3 + 1e-4) / 2)  # the middle
-    assert epoch_lr(stage, 3) == scheduled_lr(stage, 3, 0, steps)  # what an epoch line reports
+    assert epoch_lr(stage, 3, steps) == scheduled_lr(stage, 3, 0, steps)  # what an epoch line reports
+    assert epoch_lr(stage, 1, steps) == pytest.approx(1e-4)  # a warm-up epoch reports its first step's LR
 
 
 def test_relative_weights_path_starts_at_the_config(tmp_path):
@@ -195,7 +197,7 @@ def test_relative_weights_path_starts_at_the_config(tmp_path):
     assert load_config(path).model.weights == str(tmp_path / "w" / "init.weights.h5")
 
 
-def test_cosine_schedule_decays_per_epoch_and_constant_does_not(tmp_path):
+def test_cosine_schedule_decays_over_the_epochs_and_constant_does_not(tmp_path):
     from mdfer.train_loop import epoch_lr
 
     stages = load_config(write(tmp_path, lambda c: c["train"]["stages"][0].update(

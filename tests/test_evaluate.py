@@ -27,7 +27,8 @@ def hostile_test_folder(trained_run: dict, tmp_path_factory: pytest.TempPathFact
     (folder / "angry" / "notes.txt").write_text("not a picture")
     (folder / "happy" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     (folder / "contempt").mkdir()
-    Image.new("L", (48, 48), 128).save(folder / "contempt" / "face.png")
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 48), dtype=np.uint8), "L").save(
+        folder / "contempt" / "face.png")
     own = evaluate_run(trained_run["store"], "learn", "test")  # the run's own test split, scored once
     return {**trained_run, "folder": folder, "good": good, "own": own}
 

@@ -268,4 +268,9 @@ def test_predict_on_tflite_in_a_fresh_venv_without_ray_or_tensorflow(exported, t
                            capture_output=True, text=True, timeout=120)
     assert light.returncode == 0, light.stderr[-3000:]
     full = run_mdfer("predict", str(image), "--model", model, "--json")
-    assert json.loads(light.stdout) == json.loads(full.stdout)
+    (ours,), (theirs,) = json.loads(light.stdout), json.loads(full.stdout)
+    assert list(ours["heads"]) == list(theirs["heads"])
+    for head, entry in theirs["heads"].items():  # pip may resolve other numpy/Pillow/LiteRT versions
+        assert ours["heads"][head]["top"] == entry["top"]
+        np.testing.assert_allclose(list(ours["heads"][head]["probabilities"].values()),
+                                   list(entry["probabilities"].values()), atol=1e-4)

@@ -355,7 +355,7 @@ def test_every_pillow_mode_decodes_to_the_right_8_bit_image_or_is_refused(tmp_pa
     rejected = {r["path"].split("/")[-1]: r["reason"] for r in manifest["rejected"]}
     assert rejected["hot.tiff"].startswith("unsupported pixels: float pixels above 255")
     assert rejected["bomb.png"].startswith("too large: ") and "Pillow refuses it" in rejected["bomb.png"]
-    assert rejected["big.png"] == "too large: 300x200 = 0 megapixels > data.max_image_pixels (0.05 M)"
+    assert rejected["big.png"] == "too large: 300x200 = 0.06 megapixels > data.max_image_pixels (0.05 M)"
     assert len(rejected) == 3  # every other mode was accepted
     assert manifest["counts"]["fer2013"]["train"]["happy"] + manifest["counts"]["fer2013"]["val"]["happy"] == 2 + len(cases)
 
