@@ -164,7 +164,7 @@ def test_pipeline_job_stopped_resubmitted_fetched_and_predicted(ray_head, tiny_c
 
     face = tmp_path / "face.png"
     Image.fromarray(np.full((48, 48), 128, np.uint8), "L").save(face)
-    predicted = run_mdfer("predict", str(face), "--model", str(fetched / "hailo_model_int8.tflite"))
+    predicted = run_mdfer("predict", str(face), "--model", str(fetched / "hailo_model_int8.tflite"), "--json")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     heads = json.loads(predicted.stdout)[0]["heads"]
     assert set(heads) == {"fer2013", "fane", "domain"} and heads["domain"]["top"] in ("fer2013", "fane")
