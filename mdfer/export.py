@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from mdfer import hailo
-from mdfer.artifacts import sha256_file
+from mdfer.artifacts import MANIFEST, MANIFEST_FORMAT, sha256_file
 from mdfer.config import Config, config_from_dict
 from mdfer.errors import MdferError
 from mdfer.predict import HEADS_FILE, TFLITE_SIGNATURE, OnnxRunner, TFLiteRunner
@@ -38,7 +38,6 @@ from mdfer.storage import Store
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
-MANIFEST = "manifest.json"
 KERAS_FILE = "hailo_model.keras"
 TFLITE_FLOAT32 = "hailo_model_float32.tflite"
 TFLITE_OPTIMIZED = "hailo_model_float32_optimized.tflite"
@@ -282,7 +281,7 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
             store.write_bytes(f"{prefix}/{EXPORT_DIR}/{name}", (out / name).read_bytes())
     run = store.read_json(f"{prefix}/metrics.json")
     manifest = {
-        "format": 1, "run_id": run["run_id"], "dataset_id": dataset_id, "source": store.key_uri(prefix),
+        "format": MANIFEST_FORMAT, "run_id": run["run_id"], "dataset_id": dataset_id, "source": store.key_uri(prefix),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "image_size": size,
         "files": files, "parity": checks, "hailo": {"hw_arch": hailo.HW_ARCH, "ops": ops},
         "hef": hef_status,
