@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mdfer.errors import MdferError
-from mdfer.storage import Store, storage_error
+from mdfer.storage import Store, s3_endpoint, s3_region, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,10 @@ def _s3_client() -> Any:
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
                     s3={"addressing_style": "path"} if endpoint else {})
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=s3_region(), config=config)
 
 
 class Source:

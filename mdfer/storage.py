@@ -35,11 +35,21 @@ _TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection 
 log = logging.getLogger(__name__)
 
 
+def s3_endpoint() -> str | None:
+    """A non-AWS S3 endpoint URL from the environment (None: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str:
+    """The region from the environment; us-east-1 when none is set (what S3 servers accept)."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 file system configured from the environment, with retries for brief outages."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     options: dict[str, Any] = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": s3_region(),
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
         "connect_timeout": 5,
         "request_timeout": 30,
