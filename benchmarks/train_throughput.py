@@ -232,7 +232,7 @@ def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
     rows = decoded_train_rows(store, manifest, config)
     keras.utils.set_random_seed(config.train.seed)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    classes = {d.name: d.classes for d in config.data.domains}
+    classes = config.classes()
     with strategy.scope():
         model = model_from_config(config, training=True)
     set_trainable_fraction(model, stage.frozen_fraction)

@@ -145,6 +145,10 @@ class Config:
     def domain(self, name: str) -> DomainConfig:
         return next(d for d in self.data.domains if d.name == name)
 
+    def classes(self) -> dict[str, list[str]]:
+        """Each dataset's class list, in the config's dataset order (the model's head order)."""
+        return {d.name: d.classes for d in self.data.domains}
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")

@@ -127,7 +127,7 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     check_dataset_matches(config, manifest)
     weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
     model = load_for_eval(config, weights)
-    classes = {d.name: d.classes for d in config.data.domains}
+    classes = config.classes()
     result = evaluate_model(keras_predict(model), store, manifest, split, classes, config.model.image_size, flip)
     result.update(run_id=run_id, dataset_id=dataset_id, split=split, weights=weights, flip_tta=flip,
                   inference_lowpass=config.model.inference_lowpass, report=store.key_uri(report))
@@ -206,7 +206,7 @@ def evaluate_run_on_folders(store: Store, run_id: str, data: dict[str, str], wei
         raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
                          f"or name a checkpoint of it with --weights)")
     config = run_config(store, run_id)
-    classes = {d.name: d.classes for d in config.data.domains}
+    classes = config.classes()
     domains = [_folder_domain(name, path, classes, {d.name: d.folders for d in config.data.domains})
                for name, path in data.items()]
     weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))

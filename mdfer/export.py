@@ -224,7 +224,7 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
 
     started = time.perf_counter()
     size = config.model.image_size
-    classes = {d.name: d.classes for d in config.data.domains}
+    classes = config.classes()
     model = load_for_eval(config, store.key_uri(f"{prefix}/{HAILO_WEIGHTS}"))
     mean, std = preprocess_constants()
     with tempfile.TemporaryDirectory(prefix="mdfer-export-") as tmp:

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import mdfer
-from mdfer.config import WHOLE_DATASET, Config, DomainConfig, require_roots
+from mdfer.config import GIVEN_SPLIT_NAMES, WHOLE_DATASET, Config, DomainConfig, require_roots
 from mdfer.errors import DataError
 from mdfer.images import to_rgb8
 from mdfer.logs import redact
@@ -38,7 +38,7 @@ from mdfer.storage import Store, resolve, storage_error
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
+SPLITS = GIVEN_SPLIT_NAMES
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, WHOLE_DATASET: 3}  # who keeps a duplicate
 READ_THREADS = 8
 MAX_FILE_BYTES = 256 * 2**20  # a face image is never this big; reading it whole would cost the memory

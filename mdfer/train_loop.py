@@ -143,7 +143,7 @@ def train_stage(loop_config: dict) -> None:
     if config.train.mixed_precision and config.train.gpus_per_worker > 0:
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    classes = {d.name: d.classes for d in config.data.domains}
+    classes = config.classes()
 
     init_weights = loop_config.get("init_weights")
     checkpoint = ray.train.get_checkpoint()
