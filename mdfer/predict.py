@@ -34,6 +34,9 @@ def _image_size(path: str, shape) -> int:
 
 class KerasRunner:
     def __init__(self, path: str):
+        import zipfile
+        if not zipfile.is_zipfile(path):  # before TensorFlow starts (seconds, and its start-up lines)
+            raise MdferError(f"{path}: not a .keras file (a .keras model is a zip archive)")
         import keras
         self.model = keras.saving.load_model(path, compile=False, safe_mode=True)
         self.image_size = _image_size(path, self.model.input_shape)

@@ -209,7 +209,8 @@ def test_predict_goes_on_past_a_bad_image_and_takes_folders(exported, tmp_path):
     assert [Path(row["image"]).relative_to(tmp_path).as_posix() for row in rows] == ["a.png", "b.jpg", "sub/c.jpg"]
     assert "b.jpg: not a readable image" in rows[1]["error"] and "heads" not in rows[1]
     assert all(set(row["heads"]) == {"fer2013", "fane", "domain"} for row in (rows[0], rows[2]))
-    assert done.stderr.strip().count("\n") == 0 and "b.jpg: not a readable image" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mdfer predict: error: ")]
+    assert len(errors) == 1 and "b.jpg: not a readable image" in errors[0], done.stderr  # one line per bad image
 
 
 def test_predict_damaged_sidecar_or_junk_model_is_one_line(exported, tmp_path):
@@ -218,7 +219,7 @@ def test_predict_damaged_sidecar_or_junk_model_is_one_line(exported, tmp_path):
     shutil.copy(exported["folder"] / TFLITE_FLOAT32, tmp_path / "m.tflite")
     (tmp_path / "heads.json").write_text('{"heads": {"fer2013": ')
     (tmp_path / "junk.keras").write_bytes(b"PK\x03\x04 not a zip")
-    for model, expected in (("m.tflite", "heads.json: not valid JSON"), ("junk.keras", "junk.keras: cannot load as keras model")):
+    for model, expected in (("m.tflite", "heads.json: not valid JSON"), ("junk.keras", "junk.keras: not a .keras file (a .keras model is a zip archive)")):
         done = run_mdfer("predict", str(image), "--model", str(tmp_path / model))
         assert done.returncode == 2, (model, done.stderr[-2000:])
         assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr
