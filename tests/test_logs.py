@@ -19,4 +19,4 @@ def test_redacts_secret_env_values_and_key_value_pairs(monkeypatch):
 def test_storage_errors_are_one_redacted_line(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
     error = storage_error("s3://bucket/key", OSError("denied for s3cr3t-value-xyz\nsecond line"))
-    assert str(error) == "s3://bucket/key: denied for ***"
+    assert str(error) == "s3://bucket/key: denied for *** second line"  # the whole cause, on one line
