@@ -99,6 +99,17 @@ def load_for_eval(config: Config, weights_uri: str):
     return model
 
 
+def _require_run(store: Store, run_id: str, weights: str | None) -> bool:
+    """Whether the run is finished; an error unless it is, or was started and `weights` name a
+    checkpoint of it."""
+    from mdfer.stages import run_key
+    finished = store.exists(run_key(run_id, "metrics.json"))
+    if not finished and not (weights and store.exists(run_key(run_id, "run.json"))):
+        raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
+                         f"or name a checkpoint of it with --weights)")
+    return finished
+
+
 def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | None = None,
                  inference_lowpass: int | None = None, flip: bool = False) -> dict:
     """Score a finished run's final weights (or `weights`, e.g. a stage's best of an unfinished
@@ -108,10 +119,7 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     report goes to report/<split>-lowpass<w>/, beside the run's own."""
     from mdfer.report import write_report
     from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches, run_config, run_key
-    finished = store.exists(run_key(run_id, "metrics.json"))
-    if not finished and not (weights and store.exists(run_key(run_id, "run.json"))):
-        raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
-                         f"or name a checkpoint of it with --weights)")
+    finished = _require_run(store, run_id, weights)
     config = run_config(store, run_id)
     report = run_key(run_id, "report", split)
     if inference_lowpass is not None and inference_lowpass != config.model.inference_lowpass:
@@ -202,9 +210,7 @@ def evaluate_run_on_folders(store: Store, run_id: str, data: dict[str, str], wei
     """A finished run's final weights on class folders: each dataset name is one of the run's,
     its folders mapped through the run config's folder map for it."""
     from mdfer.stages import HAILO_WEIGHTS, run_config, run_key
-    if not store.exists(run_key(run_id, "metrics.json")) and not weights:
-        raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
-                         f"or name a checkpoint of it with --weights)")
+    _require_run(store, run_id, weights)
     config = run_config(store, run_id)
     classes = config.classes()
     domains = [_folder_domain(name, path, classes, {d.name: d.folders for d in config.data.domains})
