@@ -84,7 +84,10 @@ class StreamConfig:
 ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_lowpass", 0),
                  ("stages", "warmup_epochs", 0), ("stages", "lr_end", 0.0),
                  ("train", "optimizer", "adam"), ("train", "weight_decay", 0.0),
-                 ("stream.augment", "erase", 0.0), ("data", "max_image_pixels", 40_000_000))
+                 ("stream.augment", "erase", 0.0), ("data", "max_image_pixels", 40_000_000),
+                 ("model", "stride1_blocks", []), ("stages", "stride1_blocks", None))
+# EfficientNetV2B0's block groups (Keras's block1..block6) whose first block has stride 2
+STRIDE2_BLOCKS = (2, 3, 4, 6)
 
 
 @dataclass
@@ -93,6 +96,9 @@ class ModelConfig:
     weights: str = "none"  # none | imagenet | path or s3:// URI of a weights file
     dropout: float = 0.2
     inference_lowpass: int = 0  # 0 = off; odd w: evaluation and exports blur every input (3 passes of a w x w mean)
+    # backbone block groups (of STRIDE2_BLOCKS) whose first block runs at stride 1: larger feature
+    # maps from there on, the same weights; e.g. [4] at 48 px gives 6x6 maps in blocks 4-5, 3x3 in 6
+    stride1_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -106,6 +112,7 @@ class StageConfig:
     lr_schedule: str = "constant"  # constant | cosine (per step, from lr to lr_end at the stage's end)
     warmup_epochs: int = 0  # linear warm-up from ~0 to lr over this many epochs, then the schedule
     lr_end: float = 0.0  # where the cosine ends: chain stages into one long curve with it
+    stride1_blocks: list[int] | None = None  # this stage's model.stride1_blocks (None: the model's)
 
 
 @dataclass
@@ -144,6 +151,12 @@ class Config:
 
     def domain(self, name: str) -> DomainConfig:
         return next(d for d in self.data.domains if d.name == name)
+
+    def stride1_blocks(self, stage_index: int = -1) -> list[int]:
+        """The backbone's stride-1 block groups in a stage (default: the last, which evaluation
+        and export use): weights carry over between stages whatever their strides."""
+        stage = self.train.stages[stage_index]
+        return self.model.stride1_blocks if stage.stride1_blocks is None else stage.stride1_blocks
 
     def classes(self) -> dict[str, list[str]]:
         """Each dataset's class list, in the config's dataset order (the model's head order)."""
@@ -372,6 +385,7 @@ def validate(config: Config) -> None:
          "model.inference_lowpass", f"{model.inference_lowpass} is neither 0 (off) nor an odd width from 3 to below "
          f"model.image_size ({model.image_size})")
     need(bool(model.weights), "model.weights", "use none, imagenet, or a path / s3:// URI")
+    _check_stride1(need, "model.stride1_blocks", model.stride1_blocks)
 
     stream = config.stream
     need(stream.batch_size >= 2, "stream.batch_size", "must be >= 2")
@@ -425,6 +439,14 @@ def validate(config: Config) -> None:
              f"needs exactly the heads {sorted(heads)}, got {sorted(stage.loss_weights)}")
         for head, weight in stage.loss_weights.items():
             need(weight >= 0, f"{key}.loss_weights.{head}", f"{weight} must be >= 0")
+        if stage.stride1_blocks is not None:
+            _check_stride1(need, f"{key}.stride1_blocks", stage.stride1_blocks)
+
+
+def _check_stride1(need, key: str, blocks: list[int]) -> None:
+    need(all(b in STRIDE2_BLOCKS for b in blocks), key,
+         f"{blocks}: only block groups that downsample can run at stride 1: {list(STRIDE2_BLOCKS)}")
+    need(len(set(blocks)) == len(blocks), key, f"{blocks} names a block group twice")
 
 
 

@@ -15,6 +15,7 @@ The model's outputs are a dict keyed by head name, holding probabilities (not lo
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -70,13 +71,14 @@ def build_model(
     weights: str | None = None,
     dropout: float = 0.2,
     input_lowpass: int = 0,
+    stride1_blocks: list[int] | tuple[int, ...] = (),
 ) -> keras.Model:
     """Build the multi-head model.
 
     weights: None or "none" = random init; "imagenet" = Keras's ImageNet backbone weights
     (downloads: needs internet); otherwise a local `.weights.h5` or `.keras` path, see
     `load_weights_file`. input_lowpass: 0, or the odd width of a `lowpass` filter that every
-    input goes through.
+    input goes through. stride1_blocks: see `efficientnet_v2b0`.
     """
     _check_domains(domains)
     source = None if weights is None or str(weights).lower() == "none" else str(weights)
@@ -90,12 +92,7 @@ def build_model(
     if input_lowpass:
         x = lowpass(input_lowpass)(x)
 
-    backbone = keras.applications.EfficientNetV2B0(
-        include_top=False,
-        include_preprocessing=False,
-        weights="imagenet" if source == "imagenet" else None,
-        input_shape=shape,
-    )
+    backbone = efficientnet_v2b0(shape, "imagenet" if source == "imagenet" else None, stride1_blocks)
     # EfficientNetV2B0(name=...) would break it: the name is also its block-table key.
     backbone.name = BACKBONE
     x = backbone(x)
@@ -111,14 +108,37 @@ def build_model(
     return model
 
 
-def model_from_config(config: Config, weights: str | None = None, training: bool = False) -> keras.Model:
-    """The model a config describes (the one place that reads config.model). For inference
+def efficientnet_v2b0(shape: tuple[int, int, int], weights: str | None,
+                      stride1_blocks: list[int] | tuple[int, ...] = ()) -> keras.Model:
+    """Keras's EfficientNetV2B0 without top or preprocessing, optionally with some downsampling
+    block groups at stride 1. It downsamples 32x, so a 48 px face ends in 2x2 maps and most
+    blocks see 3x3 or less; a stride-1 group keeps its maps (and every later one's) twice as
+    large, as a 2x larger input would from there on, at less cost (the early blocks stay small).
+    Strides own no weights: checkpoints and ImageNet weights fit whatever the strides."""
+    if not stride1_blocks:
+        return keras.applications.EfficientNetV2B0(include_top=False, include_preprocessing=False,
+                                                    weights=weights, input_shape=shape)
+    from keras.src.applications import efficientnet_v2  # the builder behind EfficientNetV2B0
+    blocks = copy.deepcopy(efficientnet_v2.DEFAULT_BLOCKS_ARGS["efficientnetv2-b0"])
+    for group in stride1_blocks:
+        blocks[group - 1]["strides"] = 1
+    return efficientnet_v2.EfficientNetV2(
+        width_coefficient=1.0, depth_coefficient=1.0, default_size=224, blocks_args=blocks,
+        name="efficientnetv2-b0", weights_name="b0", include_top=False, include_preprocessing=False,
+        weights=weights, input_shape=shape)
+
+
+def model_from_config(config: Config, weights: str | None = None, training: bool = False,
+                      stage_index: int = -1) -> keras.Model:
+    """The model a config describes (the one place that reads config.model), as stage
+    `stage_index` trains it (default: the last stage, which evaluation and export use). For inference
     (evaluation, export) its inputs go through model.inference_lowpass: the blur that brings
     sharp test and camera images to the look of blurred training data. Training and its
     validation (carved from train, so blurred alike) run without it; the weights are the same."""
     return build_model([(d.name, len(d.classes)) for d in config.data.domains], config.model.image_size,
                        weights=weights, dropout=config.model.dropout,
-                       input_lowpass=0 if training else config.model.inference_lowpass)
+                       input_lowpass=0 if training else config.model.inference_lowpass,
+                       stride1_blocks=config.stride1_blocks(stage_index))
 
 
 def _check_domains(domains: list[tuple[str, int]]) -> None:

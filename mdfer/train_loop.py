@@ -149,7 +149,7 @@ def train_stage(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
         model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None,
-                                  training=True)
+                                  training=True, stage_index=stage_index)
     state = {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
     if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
         with checkpoint.as_directory() as folder:

@@ -57,6 +57,10 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["train"]["stages"][0].update(warmup_epochs=3), "train.stages[0].warmup_epochs", "outside [0, epochs=3)"),
     (lambda c: c["train"]["stages"][0].update(lr_end=1e-3), "train.stages[0].lr_end", "outside [0, lr=0.0005)"),
     (lambda c: c["stream"]["augment"].update(erase=1.5), "stream.augment.erase", "is a probability"),
+    (lambda c: c["model"].update(stride1_blocks=[5]), "model.stride1_blocks", "only block groups that downsample"),
+    (lambda c: c["train"]["stages"][1].update(stride1_blocks=[4, 4]), "train.stages[1].stride1_blocks",
+     "names a block group twice"),
+    (lambda c: c["train"]["stages"][1].update(stride1_blocks="4"), "train.stages[1].stride1_blocks", "expected"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
     path = write(tmp_path, edit)
@@ -167,9 +171,12 @@ def test_new_recipe_options_stay_out_of_the_identity_at_their_defaults():
     for key in ("optimizer", "weight_decay"):
         assert key not in plain["train"]
     assert "erase" not in plain["stream"]["augment"] and "flip" in plain["stream"]["augment"]
-    assert not {"warmup_epochs", "lr_end"} & set(plain["train"]["stages"][0])
+    assert not {"warmup_epochs", "lr_end", "stride1_blocks"} & set(plain["train"]["stages"][0])
+    assert "stride1_blocks" not in plain["model"]
     config.train.optimizer, config.stream.augment.erase, config.train.stages[1].warmup_epochs = "sgd", 0.5, 1
+    config.train.stages[2].stride1_blocks = [4]
     used = config.identity()
+    assert used["train"]["stages"][2]["stride1_blocks"] == [4] and "stride1_blocks" not in used["train"]["stages"][1]
     assert used["train"]["optimizer"] == "sgd" and used["stream"]["augment"]["erase"] == 0.5
     assert used["train"]["stages"][1]["warmup_epochs"] == 1 and "warmup_epochs" not in used["train"]["stages"][0]
 

@@ -229,3 +229,28 @@ def test_missing_weights_file_names_the_path(tmp_path):
     missing = str(tmp_path / "nowhere" / "best.weights.h5")
     with pytest.raises(FileNotFoundError, match="nowhere/best.weights.h5"):
         build_model(DOMAINS, image_size=SIZE, weights=missing)
+
+
+def test_stride1_blocks_enlarge_the_maps_and_take_the_same_weights(model, tmp_path):
+    """Block group 4 at stride 1: the backbone's maps double from there on; the weights of the
+    plain model load into it unchanged, and the per-stage setting picks the model a stage trains."""
+    from mdfer.config import load_config
+    from mdfer.model import model_from_config
+
+    wide = build_model(DOMAINS, image_size=SIZE, stride1_blocks=[4])
+    assert model.get_layer(BACKBONE).output_shape[1:3] == (1, 1)  # 32 px / 32
+    assert wide.get_layer(BACKBONE).output_shape[1:3] == (2, 2)
+    assert [w.shape for w in wide.weights] == [w.shape for w in model.weights]
+    path = str(tmp_path / "plain.weights.h5")
+    model.save_weights(path)
+    loaded = build_model(DOMAINS, image_size=SIZE, weights=path, stride1_blocks=[4])
+    for ours, theirs in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+    config = load_config(None, {"fer2013": "/a", "fane": "/b"})
+    config.model.image_size = SIZE
+    config.train.stages[-1].stride1_blocks = [4, 6]
+    shapes = [model_from_config(config, training=True, stage_index=i).get_layer(BACKBONE).output_shape[1:3]
+              for i in range(len(config.train.stages))]
+    assert shapes == [(1, 1)] * (len(shapes) - 1) + [(4, 4)]
+    assert model_from_config(config).get_layer(BACKBONE).output_shape[1:3] == (4, 4)  # evaluation: the last stage's
