@@ -7,6 +7,8 @@ One run, on the same prepared shards, image size, global batch and stage setting
       threads set exactly as the 1-worker Ray Train worker of (b) sets them (--cpus-1worker);
   (s<size>-<precision>) the same plain loop at other input sizes (--sizes) and precisions
       (--precisions: float32, mixed_bfloat16), each against (a): what a resolution costs per image;
+  (stride1-<groups>) the same plain loop with other backbone block groups at stride 1 (--stride1,
+      model.stride1_blocks), each against (a): larger feature maps at the same input size;
   (a/2) diagnostic: the same plain loop at half the global batch, i.e. what each worker of (c)
       computes per step, so the cost of a smaller per-worker batch is apart from Ray's;
   (b) Ray Train, 1 worker x 1 thread, through mdfer's own code path (`mdfer.stages.fit_stage`:
@@ -71,6 +73,7 @@ class Variant:
     batch_size: int  # global
     env: dict[str, str] = field(default_factory=dict)  # extra environment of its subprocess
     image_size: int | None = None  # None: --image-size
+    stride1_blocks: tuple[int, ...] | None = None  # None: the config's model.stride1_blocks
 
 
 @dataclass
@@ -167,6 +170,8 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
         raise SystemExit(f"{args.config}: none of its datasets is {', '.join(roots)}")
     raw["stream"].pop("domain_mix", None)  # only some of its datasets are here
     raw["model"]["image_size"] = variant.image_size or args.image_size
+    if variant.stride1_blocks is not None:
+        raw["model"]["stride1_blocks"] = list(variant.stride1_blocks)
     raw["stream"]["batch_size"] = variant.batch_size
     if args.no_augment:
         raw["stream"]["augment"] = {"flip": False, "max_shift": 0.0, "max_rotation_deg": 0.0,
@@ -428,6 +433,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                 out.append(Variant(f"s{size}-{precision}", f"(s) plain TF loop, {size} px, {precision}", 0, cpus,
                                    batch, env={PRECISION_ENV: precision} if precision != "float32" else {},
                                    image_size=size))
+    for groups in args.stride1:
+        blocks = tuple(int(g) for g in groups.split(",") if g and g != "none")
+        out.append(Variant(f"stride1-{'-'.join(map(str, blocks)) or 'none'}",
+                           f"(stride1) plain TF loop, groups {list(blocks)} at stride 1", 0, cpus, batch,
+                           stride1_blocks=blocks))
     if not args.skip_half_batch:
         out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
     out.append(Variant("ray1", f"(b) Ray Train, 1 worker x 1 thread (cpus {args.cpus_1worker:g})",
@@ -435,7 +445,14 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out.append(Variant("ray1_spin", "(b0) as (b), Ray Data's idle loop left spinning", 1, args.cpus_1worker, batch,
                        env={IDLE_BACKOFF_ENV: "0"}))
     out.append(Variant("ray2", "(c) Ray Train, 2 workers x 1 thread (cpus 0.5 each)", 2, 0.5, batch))
-    return [v for v in out if not args.only or v.key in args.only or v.key[0] == "s" and "sizes" in args.only]
+    def group(key: str) -> str:  # --only names the --sizes and --stride1 variants as groups
+        return "stride1" if key.startswith("stride1-") else "sizes" if key[0] == "s" and key[1].isdigit() else key
+    return [v for v in out if not args.only or group(v.key) in args.only]
+
+
+def stride1_label(config_path: Path) -> str:
+    """The config's own model.stride1_blocks, as the ratios name it."""
+    return str((yaml.safe_load(config_path.read_text()).get("model") or {}).get("stride1_blocks", []))
 
 
 def add_ratios(report: Report) -> None:
@@ -446,6 +463,9 @@ def add_ratios(report: Report) -> None:
         ratios["(b) / (b0): mdfer's Ray Data idle back-off on vs off"] = r("ray1") / r("ray1_spin")
     if {"ray2", "ray1"} <= got.keys():
         ratios["scaling efficiency (c) / (2 x (b))  [goal >= 0.85]"] = r("ray2") / (2 * r("ray1"))
+    for key in (k for k in got if k.startswith("stride1-")):
+        ratios[f"({key}) / (a): img/s with groups {key[8:].replace('-', ',')} at stride 1 vs "
+               f"{report.settings['stride1_blocks']}"] = r(key) / r("plain")
     for key in (k for k in got if k.startswith("s") and k[1].isdigit()):
         ratios[f"({key}) / (a): img/s at {key[1:].replace('-', ' px, ')} vs {report.settings['image_size']} px float32"] = \
             r(key) / r("plain")
@@ -516,7 +536,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time the plain loop at these input sizes (px), against (a)")
     parser.add_argument("--precisions", nargs="+", default=["float32"], choices=("float32", "mixed_bfloat16"),
                         help="with --sizes: Keras dtype policies to time the plain loop in")
-    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2", "sizes"),
+    parser.add_argument("--stride1", nargs="*", default=[], metavar="GROUPS",
+                        help="also time the plain loop with these backbone block groups at stride 1, "
+                             "each a comma list or 'none' (e.g. --stride1 none 6 4): against (a), which "
+                             "uses the config's model.stride1_blocks")
+    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2", "sizes", "stride1"),
                         help="run only these configurations (to debug one)")
     parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load average first")
@@ -576,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_class": args.per_class, "image_size": args.image_size, "batch_size": args.batch_size,
             "epochs": args.epochs, "frozen_fraction": args.frozen_fraction, "no_augment": args.no_augment,
             "cores": args.cores, "cpus_1worker": args.cpus_1worker, "load_start": load,
+            "stride1_blocks": stride1_label(args.config),
             "train_rows": sum(sum(c["train"].values()) for c in manifest["counts"].values()),
             "dataset_id": manifest["dataset_id"]})
         for variant in todo:

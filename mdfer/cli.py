@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -199,12 +200,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from mdfer.export import export_run
     from mdfer.export import summary_lines as export_summary
     from mdfer.ingest import prepare, summary_lines
-    from mdfer.stages import train_run
+    from mdfer.stages import check_store_shared, ensure_ray, train_run
     from mdfer.storage import Store
     started = time.perf_counter()
     config = _load(args, embedded=DEMO_CONFIG)
     store = Store(args.store)
     store.check_writable()  # a bad store fails now, not after the data is generated
+    if args.address or os.environ.get("RAY_ADDRESS"):  # a cluster's nodes must all see the store
+        ensure_ray(args.address)
+        check_store_shared(store)
     if args.config is None and not args.data_root:
         _synthetic_roots(config, args.data_dir, args.synth_per_class)
     manifest = prepare(config, store)

@@ -27,6 +27,7 @@ WHOLE_DATASET = "all"  # a `splits` entry naming a folder with no split of its o
 DOMAIN_HEAD = "domain"
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: momentum 0.9, Nesterov
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one folder in the store: no '/', no '..'
 FOLDER_NAME_RULE = "letters, digits, '_', '-' and '.' (not '..'), starting with a letter or digit, at most 128"
 
@@ -85,7 +86,8 @@ ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_low
                  ("stages", "warmup_epochs", 0), ("stages", "lr_end", 0.0),
                  ("train", "optimizer", "adam"), ("train", "weight_decay", 0.0),
                  ("stream.augment", "erase", 0.0), ("data", "max_image_pixels", 40_000_000),
-                 ("model", "stride1_blocks", []), ("stages", "stride1_blocks", None))
+                 ("model", "stride1_blocks", []), ("stages", "stride1_blocks", None),
+                 ("train", "placement_strategy", "PACK"))
 # EfficientNetV2B0's block groups (Keras's block1..block6) whose first block has stride 2
 STRIDE2_BLOCKS = (2, 3, 4, 6)
 
@@ -127,6 +129,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (Keras `weight_decay`); adamw and sgd only
     class_weighting: bool = False
     max_failures: int = 2
+    # how Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes
+    # when it can (a lost node then takes fewer workers with it), and packs when it cannot
+    placement_strategy: str = "PACK"
     seed: int = 0
 
 
@@ -408,6 +413,8 @@ def validate(config: Config) -> None:
     need(train.gpus_per_worker >= 0, "train.gpus_per_worker", "must be >= 0")
     need(0 <= train.label_smoothing < 1, "train.label_smoothing", "must be within [0, 1)")
     need(train.max_failures >= 0, "train.max_failures", "must be >= 0")
+    need(train.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy",
+         f"{train.placement_strategy!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}")
     need(train.optimizer in OPTIMIZERS, "train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     need(0 <= train.weight_decay < 1, "train.weight_decay", f"{train.weight_decay} is outside [0, 1)")
     need(train.weight_decay == 0 or train.optimizer != "adam", "train.weight_decay",

@@ -154,6 +154,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=config.train.gpus_per_worker > 0,
+            placement_strategy=config.train.placement_strategy,
             resources_per_worker={"CPU": config.train.cpus_per_worker,
                                   **({"GPU": config.train.gpus_per_worker} if config.train.gpus_per_worker else {})}),
         datasets=datasets,
@@ -180,6 +181,19 @@ def root_cause(exc: BaseException) -> str:
     causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*", line)
               and not line.startswith(("ray.train.", "ray.exceptions."))]
     return causes[-1] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def check_store_shared(store: Store) -> None:
+    """Checkpoints and weights go to the store from whichever node a worker runs on, and a stage
+    resumes from them anywhere: a local folder is seen by one node only, so on a cluster of
+    several nodes it is refused before any work (an s3:// store serves every node)."""
+    import ray
+    if store.is_s3:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        raise MdferError(f"store {store.uri}: a local folder, but the Ray cluster has {len(nodes)} nodes and "
+                         f"the others cannot see it; use an s3:// store (--store s3://BUCKET/PREFIX)")
 
 
 def check_cpus_left_for_data(config: Config, runs: int = 1) -> None:
@@ -244,6 +258,7 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
             if index == 0:
                 init_weights_uri = initial_weights(config)
             ensure_ray(ray_address)
+            check_store_shared(store)
             log.info("%s: training (%d epochs max, %d workers)", stage.name, stage.epochs, config.train.workers)
             stages[stage.name] = _seal_stage(store, run_id, stage.name,
                                              fit_stage(config, store, run_id, index, manifest, init_weights_uri))

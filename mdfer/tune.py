@@ -32,7 +32,7 @@ from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, rea
 from mdfer.errors import ConfigError, MdferError
 from mdfer.ingest import load_manifest
 from mdfer.logs import redact
-from mdfer.stages import (BEST_WEIGHTS, check_cpus_left_for_data, initial_weights, root_cause,
+from mdfer.stages import (BEST_WEIGHTS, check_cpus_left_for_data, check_store_shared, initial_weights, root_cause,
                           check_dataset_matches, ensure_ray, fit_stage, seal_run, write_run_record)
 from mdfer.storage import Store
 from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE
@@ -485,6 +485,7 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
             slots = max(s.max_concurrent_trials for s in sweeps)
             ensure_ray(ray_address, local_resources={TUNE_SLOT: slots})
             _check_tune_slots()
+            check_store_shared(store)
             check_cpus_left_for_data(current, sweep.max_concurrent_trials)
             _tuner(current, store, sweep_id, index, manifest, sweep, init_weights).fit()
             record = _seal_stage_sweep(store, sweep_id, index, current, sweep)

@@ -46,3 +46,91 @@ def path_without_hailo() -> str:
     """PATH without any folder holding a `hailo` command: the test machine has no Hailo compiler,
     and a stray one must not change that."""
     return os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "hailo").exists())
+
+
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (bound together, so all differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class RayNode:
+    """One `ray start --block` node on 127.0.0.1 with its own ports and temp dir: the head
+    (`head_gcs_port` None) or a node joining that head. Stopped by its process id (its own
+    session), never by `ray stop`. `env` must carry the token authentication settings."""
+
+    def __init__(self, log: Path, env: dict, head_gcs_port: int | None = None, num_cpus: int = 2,
+                 system_config: dict | None = None):
+        import json
+        import secrets
+
+        self.env = env
+        # short: Ray's socket paths must fit 107 bytes
+        self.temp = f"/tmp/mdfer-{'head' if head_gcs_port is None else 'node'}-{secrets.token_hex(3)}"
+        gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = \
+            free_ports(9)
+        common = [f"--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={agent_http}",
+                  f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                  f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={node_manager}",
+                  f"--object-manager-port={object_manager}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        if head_gcs_port is None:
+            self.gcs_port = gcs
+            role = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={client}", f"--temp-dir={self.temp}",
+                    *([f"--system-config={json.dumps(system_config)}"] if system_config else [])]
+            self.address = f"http://127.0.0.1:{dashboard}"
+        else:
+            self.gcs_port = head_gcs_port
+            role = [f"--address=127.0.0.1:{head_gcs_port}", f"--temp-dir={self.temp}"]
+            self.address = None
+        self.log = log.open("w")
+        self.process = subprocess.Popen([str(BIN / "ray"), "start", "--block", *role, *common], env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for_jobs(self, timeout: float = 180) -> None:
+        """Until the head's job API answers."""
+        import time
+
+        deadline = time.time() + timeout
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", self.address], env=self.env,
+                             capture_output=True).returncode != 0:
+            assert self.process.poll() is None, Path(self.log.name).read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+
+    def raylet_pid(self) -> int:
+        """The pid of this node's raylet: the process of its own session running `raylet`."""
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except (OSError, ValueError):
+                continue
+            session = int(stat.rsplit(")", 1)[1].split()[3])  # after "(comm)": state ppid pgrp session
+            if session == self.process.pid and command.endswith(b"/raylet"):
+                return int(entry.name)
+        raise AssertionError(f"no raylet in the session of node {self.process.pid}")
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(3)  # a graceful stop takes 30 s; its temp dir goes anyway
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own session: only what it started
+            self.process.wait(30)
+        self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -61,6 +61,7 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["train"]["stages"][1].update(stride1_blocks=[4, 4]), "train.stages[1].stride1_blocks",
      "names a block group twice"),
     (lambda c: c["train"]["stages"][1].update(stride1_blocks="4"), "train.stages[1].stride1_blocks", "expected"),
+    (lambda c: c["train"].update(placement_strategy="spread"), "train.placement_strategy", "not one of PACK, SPREAD"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, edit, key, words):
     path = write(tmp_path, edit)

@@ -11,11 +11,7 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,23 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import generated_demo_config, run_mdfer
+from helpers import BIN, RayNode, generated_demo_config, run_mdfer
 from mdfer.stages import LOCAL_RAY_SYSTEM_CONFIG
 from mdfer.storage import Store
 
 REPO = Path(__file__).parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -49,39 +33,15 @@ def ray_head(tmp_path_factory, s3_server):
     environment as an instance role would give them. Stopped by its process id."""
     if not s3_server.running:
         s3_server.start()
-    temp = f"/tmp/mdfer-e2e-{secrets.token_hex(3)}"  # short: Ray's socket paths must fit 107 bytes
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    log = (tmp_path_factory.mktemp("rayhead") / "ray_start.log").open("w")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-         f"--temp-dir={temp}", "--num-cpus=2", "--disable-usage-stats",
-         f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    head = RayNode(tmp_path_factory.mktemp("rayhead") / "ray_start.log", env, system_config=LOCAL_RAY_SYSTEM_CONFIG)
     try:
-        deadline = time.time() + 180
-        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
-            assert head.poll() is None, Path(log.name).read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head did not come up"
-            time.sleep(2)
-        yield {"address": address, "env": env}
+        head.wait_for_jobs()
+        yield {"address": head.address, "env": env}
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(3)  # a graceful stop takes 30 s; its temp dir goes anyway
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # its own session: only what it started
-            head.wait(30)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
 def _ray_job(head: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
