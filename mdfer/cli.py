@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG, load_config
 from mdfer.errors import ConfigError, MdferError
-from mdfer.logs import redact, setup_logging
+from mdfer.logs import NORMAL, QUIET, VERBOSE, redact, setup_logging
 
 log = logging.getLogger("mdfer")
 DEFAULT_STORE = "mdfer-home/store"
@@ -300,10 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     from mdfer import __version__
     parser = _Parser(prog="mdfer", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mdfer {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common = _Parser(add_help=False)  # also accepted after the command: `mdfer train ... --debug`
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks and debug logs")
+    for p, unset in ((parser, None), (common, argparse.SUPPRESS)):  # after the command: no default,
+        p.add_argument("--debug", action="store_true", default=unset or False,  # or it would reset
+                       help="show tracebacks and debug logs (implies --verbose)")
+        loudness = p.add_mutually_exclusive_group()
+        loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=VERBOSE,
+                              default=unset or NORMAL,
+                              help="everything on the console: Ray's, Ray Data's and TensorFlow's own output, "
+                                   "every Ray worker's (default: those go to the log files)")
+        loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=QUIET,
+                              default=unset or NORMAL, help="only the final tables and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     parsers = {name: sub.add_parser(name, help=text, description=text, parents=[common])
                for name, (_, text) in COMMANDS.items()}
@@ -402,7 +409,7 @@ def _check_ids(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.debug)
+    log_file = setup_logging(VERBOSE if args.debug else args.verbosity, args.debug, args.command)
     handler = COMMANDS[args.command][0]
     try:
         _check_ids(args)
@@ -418,8 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an environment problem we did not foresee
         if args.debug:
             raise
+        if log_file:
+            import traceback
+            with open(log_file, "a", encoding="utf-8") as out:
+                out.write(redact(traceback.format_exc()))
+        details = f"the traceback is in {log_file}, or rerun with --debug" if log_file else "rerun with --debug for details"
         print(f"mdfer {args.command}: unexpected error: {type(exc).__name__}: "
-              f"{redact(str(exc)).splitlines()[0] if str(exc) else ''} (rerun with --debug for details)",
+              f"{redact(str(exc)).splitlines()[0] if str(exc) else ''} ({details})",
               file=sys.stderr)
         return 1
 

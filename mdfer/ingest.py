@@ -26,13 +26,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 import mdfer
 from mdfer.config import GIVEN_SPLIT_NAMES, WHOLE_DATASET, Config, DomainConfig, require_roots
 from mdfer.errors import DataError
 from mdfer.images import to_rgb8
-from mdfer.logs import redact
+from mdfer.logs import Progress, redact
 from mdfer.storage import Store, resolve, storage_error
 
 log = logging.getLogger(__name__)
@@ -262,11 +261,11 @@ def scan(config: Config) -> list[ScannedFile]:
     # data.max_image_pixels decides, from the header; Pillow's own warning below its hard limit
     # would only repeat that (set here, once: the filter list is global, the threads share it)
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    with ThreadPoolExecutor(READ_THREADS) as pool, tqdm(total=len(jobs), desc="scan", unit="file") as bar:
+    with ThreadPoolExecutor(READ_THREADS) as pool, Progress("scan", len(jobs), "file") as bar:
         results = []
         for result in pool.map(lambda job: _inspect(*job, *limits), jobs):
             results.append(result)
-            bar.update()
+            bar.advance()
     return results
 
 
@@ -469,7 +468,7 @@ def prepare(config: Config, store: Store) -> dict:
     shards: dict[str, list[dict]] = {}
     rows_per_shard = config.data.shard_rows
     sources = {d.name: resolve(d.root) for d in config.data.domains}  # one S3 client, not one per shard
-    with tqdm(total=len(result.rows), desc="write shards", unit="img") as bar:
+    with Progress("write shards", len(result.rows), "image") as bar:
         for split in SPLITS:
             files = _row_order(result.rows, split, config.data.split_seed)
             shards[split] = []
@@ -482,7 +481,7 @@ def prepare(config: Config, store: Store) -> dict:
                     _write_shard(store, key, chunk, config, split, sources)
                     shards[split].append({"file": f"shards/{split}/{name}", "domain": domain,
                                           "rows": len(chunk)})
-                    bar.update(len(chunk))
+                    bar.advance(len(chunk))
 
     n_duplicates = sum(len(d["dropped"]) for d in result.duplicates)
     sharpness_stats = _sharpness(config, result.rows)

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ import numpy as np
 import yaml
 
 from mdfer.config import Config, config_from_dict
+from mdfer.console import WorkerConsole
 from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
 from mdfer.storage import Store, file_exists
@@ -56,11 +58,19 @@ def ensure_ray(address: str | None = None, local_resources: dict[str, float] | N
     `address="local"` on purpose: a bare ray.init() would follow a stale /tmp/ray/ray_current_cluster.
     """
     import ray
+
+    from mdfer.logs import VERBOSE, adopt_ray_logging, say_where_logs_are, verbosity
     if ray.is_initialized():
         return
+    adopt_ray_logging()
+    # workers' output (every library's start-up lines) stays in Ray's session logs unless
+    # --verbose; what a person reads comes through mdfer.console
+    init_options.setdefault("log_to_driver", verbosity() == VERBOSE)
+    init_options.setdefault("configure_logging", verbosity() == VERBOSE)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **init_options)
+        say_where_logs_are()
         return
     # Train's placement-group cleaner asks the State API whether a run's controller is alive;
     # with no address it may ask another local cluster's dashboard, hear "not found", and tear
@@ -69,6 +79,7 @@ def ensure_ray(address: str | None = None, local_resources: dict[str, float] | N
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", dashboard_port=port, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
              resources=local_resources, **init_options)
+    say_where_logs_are()
 
 
 def _free_port() -> int:
@@ -130,10 +141,11 @@ def write_run_record(store: Store, prefix: str, config: Config, run_id: str, dat
 
 def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
               init_weights: str | None, folder: str | None = None,
-              callbacks: list | None = None) -> "ray.train.Result":
+              callbacks: list | None = None, console: bool = False) -> "ray.train.Result":
     """One stage as a Ray Train run; returns Ray's Result. `folder` (a store key; default the
     run's stage folder) holds its checkpoints and TensorBoard files; `callbacks` go to Ray Train
-    (a Tune trial passes TuneReportCallback)."""
+    (a Tune trial passes TuneReportCallback); `console`: show the workers' epoch lines and
+    progress here (the driver of `mdfer train`)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -144,6 +156,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     plan = plan_epoch(manifest, config, workers)
     datasets = train_datasets(store, manifest, config, plan)
     datasets[VAL_DATASET] = eval_dataset(store, manifest, config, "val")
+    shown = WorkerConsole() if console else nullcontext()
     trainer = TensorflowTrainer(
         train_stage,
         train_loop_config={
@@ -151,6 +164,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
             "plan": plan_as_dict(plan), "init_weights": init_weights,
             "tensorboard_uri": store.key_uri(f"{folder}/tensorboard"),
             "class_weights": class_weights(config, manifest),
+            "console": shown.queue if console else None,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=config.train.gpus_per_worker > 0,
@@ -166,7 +180,8 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
                                                checkpoint_score_order="max")),
     )
     try:
-        result = trainer.fit()
+        with shown:
+            result = trainer.fit()
     except Exception as exc:  # Ray wraps the workers' errors; the last error line is the cause
         raise MdferError(f"{stage.name}: training failed: {root_cause(exc)}") from exc
     if result.error:
@@ -259,9 +274,11 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
                 init_weights_uri = initial_weights(config)
             ensure_ray(ray_address)
             check_store_shared(store)
-            log.info("%s: training (%d epochs max, %d workers)", stage.name, stage.epochs, config.train.workers)
+            log.info("%s: training (%d epochs max, %d worker%s)", stage.name, stage.epochs, config.train.workers,
+                     "s" if config.train.workers > 1 else "")
             stages[stage.name] = _seal_stage(store, run_id, stage.name,
-                                             fit_stage(config, store, run_id, index, manifest, init_weights_uri))
+                                             fit_stage(config, store, run_id, index, manifest, init_weights_uri,
+                                                       console=True))
             best = stages[stage.name]["best"]
             log.info("%s: done, best val_macro_f1 %.4f at epoch %d", stage.name, best["val_macro_f1"], best["epoch"])
         init_weights_uri = store.key_uri(run_key(run_id, stage.name, BEST_WEIGHTS))

@@ -1,6 +1,7 @@
 """The per-worker loop of one training stage; Ray Train runs `train_stage` on every worker.
 
-Plain code, top to bottom: build the model under MultiWorkerMirroredStrategy, start from the
+Plain code, top to bottom: build the model under MultiWorkerMirroredStrategy (one device when
+there is one worker: no gRPC server, no collectives), start from the
 latest checkpoint of this stage (after a worker failure or a resubmitted job) or else from the
 previous stage's best weights, then epochs of train steps, a sharded validation pass, and one
 `ray.train.report` per epoch with a checkpoint. Every worker runs the same number of steps
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mdfer.config import DOMAIN_HEAD, Config, StageConfig, config_from_dict
-from mdfer.logs import worker_line
+from mdfer.console import WorkerSide
 from mdfer.storage import Store, local_copy
 from mdfer.images import EVAL_BATCH
 from mdfer.stream import TRAIN_PREFIX, EpochPlan, iter_train_batches
@@ -67,12 +68,27 @@ def limit_threads(cpus: float) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
 
 
-def allreduce_sum(strategy, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sum numpy arrays over all workers (one collective call for the whole dict)."""
+def make_strategy(world: int, gpus: float):
+    """MultiWorkerMirroredStrategy for several workers (Ray Train set TF_CONFIG); one device
+    for one worker: MWMS would start a gRPC server on every interface (TensorFlow binds 0.0.0.0,
+    no option) and run collectives with nobody else."""
     import tensorflow as tf
-    values = strategy.run(lambda: {k: tf.constant(v) for k, v in arrays.items()})
-    return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None).numpy()
-            for k, v in values.items()}
+    if world > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus > 0 else "/cpu:0")
+
+
+def allreduce_sum(strategy, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sum numpy arrays over all workers (one traced collective call for the whole dict: an
+    eager one costs a warning and a slow path under MultiWorkerMirroredStrategy)."""
+    import tensorflow as tf
+
+    @tf.function
+    def summed(values):
+        local = strategy.run(lambda v: v, args=(values,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in local.items()}
+
+    return {k: v.numpy() for k, v in summed({k: tf.constant(v) for k, v in arrays.items()}).items()}
 
 
 def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: int, world: int,
@@ -122,6 +138,18 @@ def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
     return metrics
 
 
+def epoch_line(stage: str, epoch: int, epochs: int, metrics: dict, evaluation: dict, data_wait: float) -> str:
+    """`stage1 epoch 3/18: loss 1.7990, lr 9.9e-04, val macro-F1 0.2270 (fer2013 0.355/0.227,
+    sfew 0.281/0.092, domain 0.990), 122 img/s, 1% waiting for data`; per head accuracy/macro-F1."""
+    heads = ", ".join(f"{head} {values['accuracy']:.3f}/{values['macro_f1']:.3f}"
+                      for head, values in evaluation["heads"].items() if head != DOMAIN_HEAD)
+    waiting = 100 * data_wait / max(metrics["train_seconds"], 1e-9)
+    return (f"{stage} epoch {epoch}/{epochs}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.1e}, "
+            f"val macro-F1 {metrics['val_macro_f1']:.4f} ({heads}, domain {metrics['val_domain_accuracy']:.3f}), "
+            f"{metrics['images_per_second']:.0f} img/s, {waiting:.0f}% waiting for data"
+            f"{', best' if metrics['is_best'] else ''}")
+
+
 def train_stage(loop_config: dict) -> None:
     """One stage on one worker; `loop_config` comes from `stages.fit_stage` (plain data only,
     because Ray ships it to every worker)."""
@@ -142,7 +170,8 @@ def train_stage(loop_config: dict) -> None:
     keras.utils.set_random_seed(config.train.seed + stage_index)
     if config.train.mixed_precision and config.train.gpus_per_worker > 0:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = make_strategy(world, config.train.gpus_per_worker)
+    console = WorkerSide(loop_config.get("console") if rank == 0 else None)
     classes = config.classes()
 
     init_weights = loop_config.get("init_weights")
@@ -156,12 +185,12 @@ def train_stage(loop_config: dict) -> None:
             model.load_weights(Path(folder) / WEIGHTS_FILE)
             state = json.loads((Path(folder) / STATE_FILE).read_text())
         if rank == 0:
-            worker_line(f"{stage.name}: resuming after epoch {state['epoch']}")
+            console.line(f"{stage.name}: resuming after epoch {state['epoch']}")
     elif init_weights and init_weights != "imagenet":  # the previous stage's best, or a file
         with tempfile.TemporaryDirectory() as folder:
             loaded = load_weights_file(model, local_copy(init_weights, folder))
         if rank == 0:
-            worker_line(f"{stage.name}: starting from {init_weights} ({', '.join(loaded)})")
+            console.line(f"{stage.name}: starting from {init_weights} ({', '.join(loaded)})")
     summary = set_trainable_fraction(model, stage.frozen_fraction)
     with strategy.scope():
         optimizer = make_optimizer(config.train.optimizer, stage.lr, config.train.weight_decay)
@@ -170,7 +199,7 @@ def train_stage(loop_config: dict) -> None:
                                  plan.global_batch_size, config.train.label_smoothing, class_weights)
     predict_step = make_predict_step(strategy, model)
     if rank == 0 and state["epoch"] == 0:
-        worker_line(f"{stage.name}: lr {stage.lr:g}, frozen {summary['n_frozen']}/{summary['n_backbone_layers']} "
+        console.line(f"{stage.name}: lr {stage.lr:g}, frozen {summary['n_frozen']}/{summary['n_backbone_layers']} "
                     f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
                     f"per epoch on {world} worker(s)")
 
@@ -181,7 +210,7 @@ def train_stage(loop_config: dict) -> None:
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
         if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
             if rank == 0:
-                worker_line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
+                console.line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
             break
         per_step_lr = stage.lr_schedule != "constant" or epoch <= stage.warmup_epochs
         epoch_start_lr = epoch_lr(stage, epoch, plan.steps_per_epoch)
@@ -200,6 +229,9 @@ def train_stage(loop_config: dict) -> None:
                 optimizer.learning_rate.assign(scheduled_lr(stage, epoch, steps, plan.steps_per_epoch))
             loss, _ = train_step({k: tf.constant(v) for k, v in batch.items()})
             loss_sum, steps = loss_sum + float(loss), steps + 1
+            if rank == 0:
+                console.progress(f"{stage.name} epoch {epoch}/{stage.epochs}", steps, plan.steps_per_epoch,
+                                 plan.global_batch_size, time.perf_counter() - started)
         train_seconds = time.perf_counter() - started
         evaluation = evaluate_shard(predict_step,
                                     val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
@@ -217,12 +249,7 @@ def train_stage(loop_config: dict) -> None:
         metrics.update(best_val_macro_f1=state["best_macro_f1"], best_epoch=state["best_epoch"],
                        is_best=state["best_epoch"] == epoch)
         if rank == 0:
-            heads = " ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()
-                             if k.startswith("val_") and k != "val_macro_f1")
-            worker_line(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2g} "
-                        f"val_macro_f1 {metrics['val_macro_f1']:.4f} ({heads}) "
-                        f"{metrics['images_per_second']:.0f} img/s, {data_wait:.1f}s of {train_seconds:.1f}s "
-                        f"waiting for data{'  *best*' if metrics['is_best'] else ''}")
+            console.line(epoch_line(stage.name, epoch, stage.epochs, metrics, evaluation, data_wait))
         if board:
             board.write(epoch, metrics)
         with tempfile.TemporaryDirectory() as folder:

@@ -31,7 +31,7 @@ from ray import tune
 from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, read_yaml
 from mdfer.errors import ConfigError, MdferError
 from mdfer.ingest import load_manifest
-from mdfer.logs import redact
+from mdfer.logs import VERBOSE, redact, verbosity
 from mdfer.stages import (BEST_WEIGHTS, check_cpus_left_for_data, check_store_shared, initial_weights, root_cause,
                           check_dataset_matches, ensure_ray, fit_stage, seal_run, write_run_record)
 from mdfer.storage import Store
@@ -43,6 +43,7 @@ TUNE_SLOT = "tune_slot"  # the custom resource a trial's Tune function holds
 TUNE_DIR = "tune"
 INIT_KEY = "init_weights"  # a constant in every trial's config: where its weights start
 BEST_FILE = "best.yaml"
+TRIALS_CSV = "trials.csv"
 SWEEP_FILE = "sweep.json"
 SEARCH_ALGORITHMS = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -293,7 +294,8 @@ def _tuner(base: Config, store: Store, sweep_id: str, stage_index: int, manifest
             scheduler=_scheduler(sweep.scheduler, stage.epochs), num_samples=sweep.num_samples,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=store.path(folder), storage_filesystem=store.fs,
-                                  callbacks=[TrialLines(stage.name)]))
+                                  callbacks=[TrialLines(stage.name)],
+                                  verbose=1 if verbosity() == VERBOSE else 0))  # TrialLines say it
 
 
 # ---------------------------------------------------------------- results
@@ -372,6 +374,22 @@ def _table_bytes(rows: list[dict]) -> tuple[bytes, bytes]:
     return frame.to_csv(index=False).encode(), parquet.getvalue()
 
 
+def trial_table(csv: bytes, names: list[str]) -> list[str]:
+    """The stage's trials as an aligned table for the console: id, status, hyperparameters, the
+    best val_macro_f1 and its epoch (the winner starred)."""
+    import pandas as pd
+    frame = pd.read_csv(io.BytesIO(csv))
+    best = frame[METRIC].idxmax() if frame[METRIC].notna().any() else None
+    header = ["trial", "status", *names, METRIC, "epoch"]
+    cells = [[str(row["trial_id"]) + (" *" if i == best else ""), str(row["status"]),
+              *(f"{row[n]:.3g}" if isinstance(row[n], float) else str(row[n]) for n in names),
+              "-" if pd.isna(row[METRIC]) else f"{row[METRIC]:.4f}",
+              "-" if pd.isna(row["best_epoch"]) else str(int(row["best_epoch"]))]
+             for i, row in frame.iterrows()]
+    widths = [max(len(r[c]) for r in [header, *cells]) for c in range(len(header))]
+    return ["  ".join(text.ljust(width) for text, width in zip(r, widths)).rstrip() for r in [header, *cells]]
+
+
 def metric_png(rows: list[dict], sweep: StageSweep, stage: str, winner: int) -> bytes:
     """val_macro_f1 against each hyperparameter, one panel each; the winner is the red star."""
     from matplotlib.ticker import NullFormatter
@@ -419,7 +437,7 @@ def _seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Confi
     store.write_bytes(f"{folder}/{BEST_WEIGHTS}", store.read_bytes(f"{checkpoint}/{WEIGHTS_FILE}"))
     best_metrics = json.loads(store.read_bytes(f"{checkpoint}/{STATE_FILE}"))["history"][-1]
     csv, parquet = _table_bytes(rows)
-    store.write_bytes(f"{folder}/trials.csv", csv)
+    store.write_bytes(f"{folder}/{TRIALS_CSV}", csv)
     store.write_bytes(f"{folder}/trials.parquet", parquet)
     store.write_bytes(f"{folder}/metric_vs_hparams.png", metric_png(rows, sweep, stage, winner))
     hparams = {name: best_row[name] for name in names}
@@ -489,6 +507,9 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
             check_cpus_left_for_data(current, sweep.max_concurrent_trials)
             _tuner(current, store, sweep_id, index, manifest, sweep, init_weights).fit()
             record = _seal_stage_sweep(store, sweep_id, index, current, sweep)
+            for line in trial_table(store.read_bytes(sweep_key(sweep_id, stage.name, TRIALS_CSV)),
+                                    list(sweep.parameters())):
+                log.info("%s", line)
             log.info("%s: best trial %s, %s %.4f at epoch %d (%s)", stage.name, record["trial_id"], METRIC,
                      record[METRIC], record["epoch"], _describe(record["hyperparameters"]))
         records[stage.name] = record

@@ -20,6 +20,25 @@ if _TESTS_DIR not in sys.path:  # pytest's default import mode adds it; importli
 
 from s3server import AWS_ENV_TO_UNSET, S3Server  # noqa: E402
 
+# --- log files ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _log_files_in_a_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`mdfer` commands write a log file each (mdfer.logs); the tests' go to a temp folder, not
+    to mdfer-home/ of the checkout."""
+    import os
+
+    from mdfer.logs import LOG_DIR_ENV
+    previous = os.environ.get(LOG_DIR_ENV)
+    os.environ[LOG_DIR_ENV] = str(tmp_path_factory.mktemp("logs"))
+    yield
+    if previous is None:
+        os.environ.pop(LOG_DIR_ENV, None)
+    else:
+        os.environ[LOG_DIR_ENV] = previous
+
+
 # --- S3 server ---------------------------------------------------------------
 
 

@@ -134,3 +134,59 @@ class RayNode:
             self.process.wait(30)
         self.log.close()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+# What `mdfer train` may print by default (mdfer.logs, mdfer.console): each line one of these.
+CONSOLE_LINE_KINDS = {
+    "stage header": r"\d\d:\d\d:\d\d stage\d: (training \(|lr \S+, frozen |starting from |resuming after epoch "
+                    r"|done, best |early stop|already complete)",
+    "epoch line": r"\d\d:\d\d:\d\d stage\d epoch \d+/\d+: loss [\d.]+, lr ",
+    "progress": r"\d\d:\d\d:\d\d stage\d epoch \d+/\d+: \d+% \(\d+/\d+\), \d+ img/s, [\d:]+ left",
+    "where the logs are": r"\d\d:\d\d:\d\d log: \S+\.log; Ray workers' logs: /\S+",
+    "warning": r"\d\d:\d\d:\d\d warning: ",
+    "summary (JSON)": r"[{}]$|  \"(run_id|dataset_id|final_stage|val_macro_f1)\": ",
+}
+MAX_CONSOLE_WIDTH = 200
+
+
+def check_train_console(output: str) -> dict[str, int]:
+    """Every line a known kind, none wider than MAX_CONSOLE_WIDTH, no colour codes; returns the
+    number of lines of each epoch (`stage1 epoch 2/3` -> lines that name it)."""
+    import re
+    from collections import Counter
+
+    for line in output.splitlines():
+        assert "\x1b" not in line, f"colour code in {line!r}"
+        assert len(line) <= MAX_CONSOLE_WIDTH, f"{len(line)} characters: {line!r}"
+        kinds = [kind for kind, pattern in CONSOLE_LINE_KINDS.items() if re.match(pattern, line)]
+        assert kinds, f"a line of no known kind: {line!r}"
+    return Counter(m.group(1) for m in re.finditer(r"(stage\d epoch \d+/\d+):", output))
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` listens on, from /proc (no psutil here):
+    the namespace's listening sockets (/proc/net/tcp, tcp6) whose inode the process holds."""
+    import ipaddress
+
+    try:
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:  # the process ended
+        return []
+    found = []
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A" or f"socket:[{fields[9]}]" not in held:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)

@@ -215,7 +215,7 @@ def first_worker(docs: list[Any], group: str) -> dict:
 
 
 def test_cluster_folder_has_every_file():
-    assert {"raycluster.yaml", "rayjob.yaml", "aws-autoscaler.yaml", "runtime_env.yaml"} <= set(ALL_YAML)
+    assert {"raycluster.yaml", "rayjob.yaml", "aws-autoscaler.yaml", "runtime_env.yaml", "networkpolicy.yaml"} <= set(ALL_YAML)
 
 
 @pytest.mark.parametrize("name", ALL_YAML)
@@ -376,3 +376,67 @@ def test_rayjob_cluster_is_raycluster():
     assert kind(job, "RayJob")["spec"]["rayClusterSpec"] == kind(cluster, "RayCluster")["spec"]
     assert kind(job, "ServiceAccount") == kind(cluster, "ServiceAccount")
     assert kind(job, "RayJob")["spec"]["shutdownAfterJobFinishes"] is True
+
+
+# ---------------------------------------------------------------- who may connect
+
+POD_LABEL = ("app.kubernetes.io/part-of", "mdfer")
+
+
+def pod_templates(docs: list[Any]) -> Iterator[tuple[str, dict]]:
+    """Every pod template of a RayCluster/RayJob: head, worker groups, the RayJob's submitter."""
+    for where, spec in cluster_specs(docs):
+        yield f"{where}.head", spec["headGroupSpec"]["template"]
+        for group in spec.get("workerGroupSpecs", []):
+            yield f"{where}.{group['groupName']}", group["template"]
+    for doc in docs:
+        if doc.get("kind") == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+            yield "RayJob.submitter", doc["spec"]["submitterPodTemplate"]
+
+
+def network_policy_problems(policy: dict, pods: list[tuple[str, dict]]) -> list[str]:
+    """The policy selects every mdfer pod and admits only those pods (any port) and the KubeRay
+    operator (the job API port only): no ipBlock, no rule open to everyone."""
+    problems = []
+    selector = policy["spec"]["podSelector"].get("matchLabels", {})
+    for where, template in pods:
+        labels = template.get("metadata", {}).get("labels", {})
+        if not selector or any(labels.get(k) != v for k, v in selector.items()):
+            problems.append(f"{where}: not selected by the NetworkPolicy")
+    if "Ingress" not in policy["spec"].get("policyTypes", []):
+        problems.append("policyTypes has no Ingress")
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from")
+        if not peers:
+            problems.append("an ingress rule open to every source")
+            continue
+        for peer in peers:
+            if "ipBlock" in peer:
+                problems.append(f"an ipBlock source: {peer['ipBlock']}")
+            labels = peer.get("podSelector", {}).get("matchLabels", {})
+            own = labels == selector and "namespaceSelector" not in peer
+            operator = labels.get("app.kubernetes.io/name") == "kuberay-operator"
+            if not own and not operator:
+                problems.append(f"a source that is neither the cluster's pods nor the operator: {peer}")
+            if operator and [p.get("port") for p in rule.get("ports", [])] != [8265]:
+                problems.append(f"the operator is admitted beyond the job API port: {rule.get('ports')}")
+    return problems
+
+
+def test_network_policy_admits_only_the_clusters_own_pods():
+    policy = kind(load("networkpolicy.yaml"), "NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    pods = [p for name in KUBE for p in pod_templates(load(name))]
+    assert len(pods) == 7  # RayCluster: head + 2 groups; RayJob: head + 2 groups + submitter
+    assert network_policy_problems(policy, pods) == []
+    # each mistake is caught: a pod left out, a rule open to all, an outside address range
+    unlabelled = copy.deepcopy(pods)
+    unlabelled[1][1]["metadata"]["labels"].clear()
+    assert network_policy_problems(policy, unlabelled) == [f"{unlabelled[1][0]}: not selected by the NetworkPolicy"]
+    assert "an ingress rule open to every source" in network_policy_problems(
+        bad_copy([policy], lambda d: d[0]["spec"]["ingress"].append({}))[0], pods)
+    assert any("ipBlock" in p for p in network_policy_problems(
+        bad_copy([policy], lambda d: d[0]["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}))[0],
+        pods))
+    assert any("beyond the job API port" in p for p in network_policy_problems(
+        bad_copy([policy], lambda d: d[0]["spec"]["ingress"][1].pop("ports"))[0], pods))

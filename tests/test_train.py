@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import MDFER, PNG_MAGIC, run_mdfer, train_args
+from helpers import MDFER, PNG_MAGIC, check_train_console, listening_sockets, run_mdfer, train_args
 from mdfer.config import load_config
 from mdfer.errors import ConfigError
 from mdfer.evaluate import evaluate_run
@@ -41,8 +41,11 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
         assert ran == pytest.approx([epoch_lr(config, row["epoch"]) for row in stage["history"]], rel=1e-5)
     assert len(set(metrics["stages"]["stage1"]["history"][i]["lr"] for i in (0, 1))) == 1
     assert metrics["stages"]["stage3"]["history"][-1]["lr"] < 0.2 * stages[2].lr
-    # per-epoch lines with the metrics, from the rank-0 worker
+    # per-epoch lines with the metrics, from the rank-0 worker, shown once by the driver; the
+    # console holds only lines a person reads (no TensorFlow start-up, Ray or Ray Data lines)
     assert (done.stdout + done.stderr).count("stage3 epoch 4/4: loss") == 1  # once, not once per log path
+    per_epoch = check_train_console(done.stdout + done.stderr)
+    assert len(per_epoch) == 2 + 2 + 4 and max(per_epoch.values()) <= 4  # the epoch line and 3 progress lines
     # each later stage says what it starts from: the previous stage's best, whole
     assert re.search(r"stage2: starting from \S*runs/learn/stage1/\S+ \(all\)", done.stdout + done.stderr)
     # TensorBoard event files per stage
@@ -115,7 +118,7 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     config = tmp_path / "one_stage.yaml"
     config.write_text(yaml.safe_dump(raw))
     store = learnable["store"]
-    process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config)], stdout=subprocess.PIPE,
+    process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config), "--verbose"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     try:
         # wait until Ray has registered a checkpoint (its snapshot lists one), not merely until
@@ -136,6 +139,43 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     history = store.read_json("runs/fault/metrics.json")["stages"]["stage1"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert "resuming after epoch" in output
+    # --verbose gives back what the console leaves out by default: every worker's own output
+    assert "(RayTrainWorker pid=" in output and "Execution plan of Dataset" in output
     # the resumed epochs continue the cosine schedule rather than restart it
     stage = load_config(config).train.stages[0]
     assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2)], rel=1e-5)
+
+
+def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(learnable, tmp_path):
+    """A one-worker run needs no TensorFlow gRPC server (which binds every interface): the Train
+    worker listens only on its Ray port, like every other Ray worker. Ray's own servers bind
+    every interface in Ray 2.60 (token-authenticated; see cluster/README.md)."""
+    raw = json.loads(json.dumps(learnable["raw"]))
+    raw["train"].update(workers=1, cpus_per_worker=1)
+    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=1)]
+    config = tmp_path / "one_worker.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    console = tmp_path / "console.txt"
+    with console.open("w") as out:
+        process = subprocess.Popen([*MDFER, *train_args(learnable, "one-worker", config)], stdout=out,
+                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    sampled: dict[int, set] = {}
+    try:
+        while process.poll() is None:
+            training = "stage1: lr " in console.read_text()  # the worker has built its strategy
+            for pid in _descendants(process.pid):
+                if training and "ray::RayTrainWorker" in _cmdline(pid):
+                    sampled.setdefault(pid, set()).update(listening_sockets(pid))
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+    output = console.read_text()
+    assert process.returncode == 0, output[-4000:]
+    assert sampled, "never saw the Train worker while it trained"
+    for pid, sockets in sampled.items():
+        assert len(sockets) == 1, f"worker {pid} listens on {sockets}: more than its Ray port"
+    per_epoch = check_train_console(output)
+    assert set(per_epoch) == {"stage1 epoch 1/1"} and per_epoch["stage1 epoch 1/1"] <= 4
+    assert "stage1 epoch 1/1: loss" in output and re.search(r"log: \S+\.log; Ray workers' logs: ", output)
