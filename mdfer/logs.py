@@ -142,9 +142,12 @@ def setup_logging(level: str = NORMAL, debug: bool = False, command: str = "mdfe
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == VERBOSE else "2")
     if level != VERBOSE:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    if not sys.stdout.isatty():  # Ray colours its "(raylet)" notices and worker prefixes otherwise
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     log_file = None if level == VERBOSE else new_log_file(command)
     if log_file:
-        _route_native_stderr(log_file)
+        if sys.stderr is sys.__stderr__:  # a process of its own; not `main()` called by a host
+            _route_native_stderr(log_file)  # (pytest) whose stderr is its own to manage
         os.environ[LOG_FILE_ENV] = str(log_file)
     console = _ConsoleHandler(sys.stderr)
     console.setFormatter(_ConsoleFormatter(CONSOLE_FORMAT, TIME_FORMAT))

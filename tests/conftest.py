@@ -20,6 +20,19 @@ if _TESTS_DIR not in sys.path:  # pytest's default import mode adds it; importli
 
 from s3server import AWS_ENV_TO_UNSET, S3Server  # noqa: E402
 
+# --- the slow tests ----------------------------------------------------------
+
+# Fixtures that train with Ray or start a Ray cluster (minutes each); a test using one is
+# marked `slow`, so `pytest -m "not slow"` gives the quick rest for everyday work.
+SLOW_FIXTURES = {"trained_run", "exported", "sweep_setup", "two_nodes", "ray_head"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # --- log files ---------------------------------------------------------------
 
 

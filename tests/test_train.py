@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import MDFER, PNG_MAGIC, check_train_console, listening_sockets, run_mdfer, train_args
+from helpers import (MDFER, PNG_MAGIC, check_train_console, listening_sockets, registered_checkpoints, run_mdfer,
+                     train_args)
 from mdfer.config import load_config
 from mdfer.errors import ConfigError
 from mdfer.evaluate import evaluate_run
-from mdfer.storage import Store
 from mdfer.train_loop import epoch_lr
 
 
@@ -83,16 +83,6 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     assert {key: Path(store.path(key)).stat().st_mtime_ns for key in sealed} == sealed
 
 
-def _registered_checkpoints(store: Store, prefix: str) -> list:
-    key = f"{prefix}/checkpoint_manager_snapshot.json"
-    if not store.exists(key):
-        return []
-    try:
-        return store.read_json(key).get("checkpoint_results", [])
-    except Exception:  # caught mid-write
-        return []
-
-
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (the local Ray that `mdfer` started lives under it)."""
     found, queue = [], [pid]
@@ -112,29 +102,34 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow  # trains with Ray in a subprocess
 def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     raw = json.loads(json.dumps(learnable["raw"]))
     raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=2, patience=2, lr_schedule="cosine")]
     config = tmp_path / "one_stage.yaml"
     config.write_text(yaml.safe_dump(raw))
     store = learnable["store"]
-    process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config), "--verbose"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    console = tmp_path / "console.txt"  # a file, not a pipe: --verbose output would fill a pipe nobody reads yet
+    with console.open("w") as out:
+        process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config), "--verbose"], stdout=out,
+                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     try:
         # wait until Ray has registered a checkpoint (its snapshot lists one), not merely until
         # a checkpoint folder exists: a kill between the two restarts the stage from scratch
         deadline = time.time() + 600
-        while not _registered_checkpoints(store, "runs/fault/stage1/ray"):
-            assert process.poll() is None and time.time() < deadline, "no checkpoint was registered"
+        while not registered_checkpoints(store, "runs/fault/stage1/ray"):
+            assert process.poll() is None and time.time() < deadline, \
+                "no checkpoint was registered\n" + console.read_text()[-4000:]
             time.sleep(1)
         workers = [p for p in _descendants(process.pid) if "ray::RayTrainWorker" in _cmdline(p)]
         assert workers, "no Ray Train worker found under the mdfer process"
         os.kill(workers[-1], signal.SIGKILL)
-        output, _ = process.communicate(timeout=900)
+        process.wait(timeout=900)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             process.wait(60)
+    output = console.read_text()
     assert process.returncode == 0, output[-4000:]
     history = store.read_json("runs/fault/metrics.json")["stages"]["stage1"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
@@ -146,6 +141,7 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2)], rel=1e-5)
 
 
+@pytest.mark.slow  # trains with Ray in a subprocess
 def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(learnable, tmp_path):
     """A one-worker run needs no TensorFlow gRPC server (which binds every interface): the Train
     worker listens only on its Ray port, like every other Ray worker. Ray's own servers bind

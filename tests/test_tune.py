@@ -185,7 +185,8 @@ def test_shipped_spaces_fit_the_shipped_configs():
 
 def test_sweep_three_stages_interrupted_resumes_and_chains_best_checkpoints(sweep_setup):
     store = sweep_setup["store"]
-    args = ["tune", "--config", str(sweep_setup["config"]), "--store", store.uri, "--sweep-id", "sw",
+    # --verbose: the Train workers' own lines (forwarded by Ray) tell when a trial is training
+    args = ["--verbose", "tune", "--config", str(sweep_setup["config"]), "--store", store.uri, "--sweep-id", "sw",
             "--dataset-id", sweep_setup["dataset_id"], "--spaces", str(sweep_setup["spaces"])]
     started = time.time()
 
@@ -254,6 +255,11 @@ def test_sweep_three_stages_interrupted_resumes_and_chains_best_checkpoints(swee
     assert metrics["val_macro_f1"] == best["stage3"]["val_macro_f1"]
     assert list(metrics["stages"]) == list(STAGES)
     assert [row["epoch"] for row in metrics["stages"]["stage2"]["history"]] == [1]
+    # the console's table of each stage's trials, the winner starred
+    for stage in STAGES[1:]:
+        winner = best[stage]["trial_id"]
+        assert re.search(rf"^\S+ +trial +status +lr .*val_macro_f1 +epoch$", second.text, re.M)
+        assert re.search(rf"{winner} \* +TERMINATED ", second.text), second.text[-3000:]
 
     # 5. once finished, the sweep is left as it is
     sealed = {key: Path(store.path(key)).stat().st_mtime_ns for key in store.list_files("sweeps/sw")}
