@@ -109,8 +109,9 @@ class RayNode:
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
 
-    def raylet_pid(self) -> int:
-        """The pid of this node's raylet: the process of its own session running `raylet`."""
+    def processes(self) -> dict[int, bytes]:
+        """pid -> program of every process of this node: those of its own session."""
+        found = {}
         for entry in Path("/proc").iterdir():
             try:
                 stat = (entry / "stat").read_text()
@@ -118,9 +119,31 @@ class RayNode:
             except (OSError, ValueError):
                 continue
             session = int(stat.rsplit(")", 1)[1].split()[3])  # after "(comm)": state ppid pgrp session
-            if session == self.process.pid and command.endswith(b"/raylet"):
-                return int(entry.name)
+            if session == self.process.pid:
+                found[int(entry.name)] = command
+        return found
+
+    def raylet_pid(self) -> int:
+        """The pid of this node's raylet."""
+        for pid, command in self.processes().items():
+            if command.endswith(b"/raylet"):
+                return pid
         raise AssertionError(f"no raylet in the session of node {self.process.pid}")
+
+    def lose(self) -> list[int]:
+        """The node goes, as a machine does: SIGKILL to its raylet and every process it holds
+        (its workers included: a worker left running without its raylet can go on talking to
+        its peers directly, and the run would not notice the loss). Returns the pids killed."""
+        import signal
+
+        killed = []
+        for pid in [self.raylet_pid(), *self.processes()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        return killed
 
     def stop(self) -> None:
         import shutil

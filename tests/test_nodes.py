@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import threading
 import time
@@ -116,7 +115,7 @@ def test_a_stage_survives_losing_a_node(two_nodes, tmp_path, s3_env, s3_prefix):
             assert train.poll() is None and time.time() < deadline, "".join(lines[-40:])
             time.sleep(0.5)
         assert len(_train_worker_nodes(two_nodes)) == 2, "SPREAD left a node without a worker"
-        os.kill(two_nodes["node"].raylet_pid(), signal.SIGKILL)  # the whole second node goes
+        assert two_nodes["node"].lose()  # the whole second node goes: its raylet and workers
         assert train.wait(600) == 0, "".join(lines[-60:])
     finally:
         if train.poll() is None:
