@@ -83,6 +83,27 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     assert {key: Path(store.path(key)).stat().st_mtime_ns for key in sealed} == sealed
 
 
+def _train_in_background(learnable: dict, tmp_path: Path, run_id: str, raw: dict,
+                         *options: str) -> tuple[subprocess.Popen, Path, Path]:
+    """`mdfer train` of config `raw` as a subprocess; returns it, the config and the file its
+    output goes to (a file, not a pipe: --verbose output fills a pipe nobody reads yet, and Ray's
+    shutdown then blocks in its log-printing thread)."""
+    config = tmp_path / f"{run_id}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    console = tmp_path / f"{run_id}-console.txt"
+    with console.open("w") as out:
+        process = subprocess.Popen([*MDFER, *train_args(learnable, run_id, config), *options], stdout=out,
+                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    return process, config, console
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C to a run a test left running (a failed assertion), and wait for it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (the local Ray that `mdfer` started lives under it)."""
     found, queue = [], [pid]
@@ -106,13 +127,8 @@ def _cmdline(pid: int) -> str:
 def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     raw = json.loads(json.dumps(learnable["raw"]))
     raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=2, patience=2, lr_schedule="cosine")]
-    config = tmp_path / "one_stage.yaml"
-    config.write_text(yaml.safe_dump(raw))
     store = learnable["store"]
-    console = tmp_path / "console.txt"  # a file, not a pipe: --verbose output would fill a pipe nobody reads yet
-    with console.open("w") as out:
-        process = subprocess.Popen([*MDFER, *train_args(learnable, "fault", config), "--verbose"], stdout=out,
-                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    process, config, console = _train_in_background(learnable, tmp_path, "fault", raw, "--verbose")
     try:
         # wait until Ray has registered a checkpoint (its snapshot lists one), not merely until
         # a checkpoint folder exists: a kill between the two restarts the stage from scratch
@@ -126,9 +142,7 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
         os.kill(workers[-1], signal.SIGKILL)
         process.wait(timeout=900)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(60)
+        _stop(process)
     output = console.read_text()
     assert process.returncode == 0, output[-4000:]
     history = store.read_json("runs/fault/metrics.json")["stages"]["stage1"]["history"]
@@ -149,12 +163,7 @@ def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(learn
     raw = json.loads(json.dumps(learnable["raw"]))
     raw["train"].update(workers=1, cpus_per_worker=1)
     raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=1)]
-    config = tmp_path / "one_worker.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    console = tmp_path / "console.txt"
-    with console.open("w") as out:
-        process = subprocess.Popen([*MDFER, *train_args(learnable, "one-worker", config)], stdout=out,
-                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    process, _, console = _train_in_background(learnable, tmp_path, "one-worker", raw)
     sampled: dict[int, set] = {}
     try:
         while process.poll() is None:
@@ -164,9 +173,7 @@ def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(learn
                     sampled.setdefault(pid, set()).update(listening_sockets(pid))
             time.sleep(0.5)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(60)
+        _stop(process)
     output = console.read_text()
     assert process.returncode == 0, output[-4000:]
     assert sampled, "never saw the Train worker while it trained"
