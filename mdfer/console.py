@@ -79,10 +79,11 @@ class WorkerConsole:
 
 class WorkerSide:
     """Worker side: lines and progress to the driver's console queue, or to the worker's stdout
-    when there is none (a Tune trial)."""
+    when there is none (a Tune trial). Muted on every worker but rank 0: one voice per run."""
 
-    def __init__(self, queue=None):
-        self.queue = queue
+    def __init__(self, queue=None, muted: bool = False):
+        self.queue = None if muted else queue
+        self.muted = muted
 
     def _send(self, message: tuple) -> bool:
         if self.queue is None:
@@ -95,7 +96,7 @@ class WorkerSide:
             return False
 
     def line(self, text: str) -> None:
-        if not self._send(("line", text)):
+        if not self.muted and not self._send(("line", text)):
             worker_line(text)
 
     def progress(self, label: str, step: int, steps: int, images_per_step: int, elapsed: float) -> None:

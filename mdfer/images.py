@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -104,12 +105,33 @@ class DecodeBatch:
 
 
 class AugmentBatch:
-    """Batch function: fresh random augmentation of decoded images, every epoch."""
+    """Batch function: fresh random augmentation of decoded images, every epoch. With a `seed`,
+    each batch draws from (seed, the epoch, the batch's own pixels and labels): the same batch
+    in the same epoch of a run with the same seed gets the same augmentation, whichever task or
+    process runs it. The epoch is Ray Data's execution index of the dataset (0 outside Ray)."""
 
-    def __init__(self, augment: AugmentConfig):
+    def __init__(self, augment: AugmentConfig, seed: list[int] | None = None):
         self.augment = augment
+        self.seed = seed
+
+    def _rng(self, batch: dict[str, np.ndarray]) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        content = zlib.crc32(np.ascontiguousarray(batch["image"]).data)
+        content = zlib.crc32(np.ascontiguousarray(batch["label"]).data, content)
+        return np.random.default_rng([*self.seed, _execution_index(), content])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng()
+        rng = self._rng(batch)
         return {**batch, "image": np.stack([augment_image(p, self.augment, rng) for p in batch["image"]])
                 if len(batch["image"]) else batch["image"]}
+
+
+def _execution_index() -> int:
+    """How many times the dataset being executed has run before (its epoch, under Ray Train);
+    Ray Data's own seeded operators use the same counter. 0 without Ray."""
+    try:
+        from ray.data.context import DataContext
+    except ImportError:
+        return 0
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))

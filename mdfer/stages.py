@@ -154,7 +154,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     workers = config.train.workers
     check_cpus_left_for_data(config)
     plan = plan_epoch(manifest, config, workers)
-    datasets = train_datasets(store, manifest, config, plan)
+    datasets = train_datasets(store, manifest, config, plan, stage_index)
     datasets[VAL_DATASET] = eval_dataset(store, manifest, config, "val")
     shown = WorkerConsole() if console else nullcontext()
     trainer = TensorflowTrainer(

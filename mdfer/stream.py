@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray.data
+from ray.data import RandomSeedConfig
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from mdfer.config import Config
@@ -122,9 +123,11 @@ class IdleBackoff(ExecutionCallback):
 def configure_data_context() -> None:
     """Settings every mdfer Dataset carries into whatever executes it (driver, Ray Train's
     SplitCoordinator): per-operator bars every second from every worker bury the per-epoch lines
-    in a job log, so keep one bar per dataset and only where a person watches a terminal; and
-    the idle back-off above."""
+    in a job log, so keep one bar per dataset and only where a person watches a terminal; blocks
+    in order (tasks finish in any order; a seeded run must see the same batches again); and the
+    idle back-off above."""
     context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # blocks reach training in the seeded order
     context.enable_operator_progress_bars = False
     context.enable_progress_bars = sys.stderr.isatty()
     wanted = os.environ.get(IDLE_BACKOFF_ENV, "1") != "0"
@@ -148,22 +151,31 @@ def _decoded(store: Store, paths: list[str], size: int) -> ray.data.Dataset:
                                              num_cpus=DATA_TASK_CPUS).materialize()
 
 
-def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan) -> dict[str, ray.data.Dataset]:
-    """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long."""
+def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan,
+                   stage_index: int = 0) -> dict[str, ray.data.Dataset]:
+    """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long:
+    passes over the decoded images, each in its own block order with its own augmentation, cut
+    to length. Block order and augmentation follow `train.seed`, the stage and the epoch (Ray
+    Data's execution index), so the same config and seed give the same batches again."""
     configure_data_context()
-    augment = AugmentBatch(config.stream.augment)
     sizes = _split_sizes(manifest, "train")
     datasets = {}
-    for domain in plan.domains:
+    for domain_index, domain in enumerate(plan.domains):
         base = _decoded(store, _shard_paths(store, manifest, "train", domain), config.model.image_size)
         needed = plan.rows_per_epoch(domain)
-        repeated = base
-        for _ in range(math.ceil(needed / sizes[domain]) - 1):
-            repeated = repeated.union(base)
-        datasets[TRAIN_PREFIX + domain] = (repeated.randomize_block_order()
-                                           .limit(needed)
-                                           .map_batches(augment, batch_size=DECODE_BATCH, num_cpus=DATA_TASK_CPUS))
+        passes = []
+        for copy in range(math.ceil(needed / sizes[domain])):
+            seed = [config.train.seed, stage_index, domain_index, copy]
+            passes.append(base.randomize_block_order(seed=RandomSeedConfig(seed=int_seed(seed)))
+                          .map_batches(AugmentBatch(config.stream.augment, seed), batch_size=DECODE_BATCH,
+                                       num_cpus=DATA_TASK_CPUS))
+        datasets[TRAIN_PREFIX + domain] = passes[0].union(*passes[1:]).limit(needed)
     return datasets
+
+
+def int_seed(parts: list[int]) -> int:
+    """One 63-bit integer from several (Ray Data's seeds are single ints)."""
+    return int(np.random.SeedSequence(parts).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 def eval_dataset(store: Store, manifest: dict, config: Config, split: str) -> ray.data.Dataset:
@@ -176,13 +188,15 @@ def eval_dataset(store: Store, manifest: dict, config: Config, split: str) -> ra
 
 
 def iter_train_batches(shards: dict[str, ray.data.DataIterator], plan: EpochPlan,
-                       shuffle_buffer: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly `plan.steps_per_epoch` mixed batches: each holds every dataset's share."""
+                       shuffle_buffer: int = 0, seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly `plan.steps_per_epoch` mixed batches: each holds every dataset's share. `seed`
+    (e.g. from train.seed, stage and epoch) makes the local shuffle repeatable."""
     iterators = {
         d: iter(shards[TRAIN_PREFIX + d].iter_batches(
             batch_size=plan.per_worker_batch[d], drop_last=True, batch_format="numpy",
-            local_shuffle_buffer_size=shuffle_buffer or None))
-        for d in plan.domains
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=None if seed is None or not shuffle_buffer else seed + index))
+        for index, d in enumerate(plan.domains)
     }
     for _ in range(plan.steps_per_epoch):
         parts = [next(iterators[d]) for d in plan.domains]

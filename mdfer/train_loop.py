@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +27,7 @@ from mdfer.config import DOMAIN_HEAD, Config, StageConfig, config_from_dict
 from mdfer.console import WorkerSide
 from mdfer.storage import Store, local_copy
 from mdfer.images import EVAL_BATCH
-from mdfer.stream import TRAIN_PREFIX, EpochPlan, iter_train_batches
+from mdfer.stream import TRAIN_PREFIX, EpochPlan, int_seed, iter_train_batches
 
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.json"
@@ -110,7 +114,7 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
 class TensorBoard:
     """Scalars per epoch, written locally by rank 0 and copied to the store after each epoch
     (event files cannot go straight to s3://). tensorboardX: TensorFlow 2.21 no longer ships
-    the `tensorboard` package its own tf.summary needs."""
+    the `tensorboard` package its own tf.summary needs. `close()` removes the local folder."""
 
     def __init__(self, uri: str | None):
         from tensorboardX import SummaryWriter
@@ -126,6 +130,10 @@ class TensorBoard:
         if self.store:
             for path in Path(self.folder).iterdir():
                 self.store.write_bytes(path.name, path.read_bytes())
+
+    def close(self) -> None:
+        self.writer.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
@@ -150,15 +158,116 @@ def epoch_line(stage: str, epoch: int, epochs: int, metrics: dict, evaluation: d
             f"{', best' if metrics['is_best'] else ''}")
 
 
+@dataclass
+class StageParts:
+    """What one worker trains a stage with, built in the order the steps need (model, then the
+    restored weights, then freezing, then a new optimizer and the traced steps)."""
+
+    strategy: Any
+    model: Any
+    optimizer: Any
+    train_step: Callable
+    predict_step: Callable
+    state: dict  # epoch, best_macro_f1, best_epoch, since_best, history: what a checkpoint holds
+
+
+def new_state() -> dict:
+    return {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
+
+
+def build_stage(config: Config, stage_index: int, plan: EpochPlan, world: int, init_weights: str | None,
+                checkpoint, class_weights: dict[str, list[float]], say: Callable[[str], None]) -> StageParts:
+    """Model, restored weights (this stage's checkpoint after a failure, else `init_weights`: the
+    previous stage's best, a file, or "imagenet"), frozen layers, optimizer and steps."""
+    from mdfer.model import load_weights_file, model_from_config, set_trainable_fraction
+    from mdfer.steps import make_predict_step, make_train_step
+
+    stage = config.train.stages[stage_index]
+    strategy = make_strategy(world, config.train.gpus_per_worker)
+    with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
+        model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None,
+                                  training=True, stage_index=stage_index)
+    state = new_state()
+    if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
+        with checkpoint.as_directory() as folder:
+            model.load_weights(Path(folder) / WEIGHTS_FILE)
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+        say(f"{stage.name}: resuming after epoch {state['epoch']}")
+    elif init_weights and init_weights != "imagenet":
+        with tempfile.TemporaryDirectory() as folder:
+            loaded = load_weights_file(model, local_copy(init_weights, folder))
+        say(f"{stage.name}: starting from {init_weights} ({', '.join(loaded)})")
+    frozen = set_trainable_fraction(model, stage.frozen_fraction)
+    with strategy.scope():
+        optimizer = make_optimizer(config.train.optimizer, stage.lr, config.train.weight_decay)
+    train_step = make_train_step(strategy, model, optimizer, list(config.classes()), stage.loss_weights,
+                                 plan.global_batch_size, config.train.label_smoothing,
+                                 {k: np.asarray(v, np.float32) for k, v in class_weights.items()})
+    if state["epoch"] == 0:
+        say(f"{stage.name}: lr {stage.lr:g}, frozen {frozen['n_frozen']}/{frozen['n_backbone_layers']} "
+            f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
+            f"per epoch on {world} worker(s)")
+    return StageParts(strategy, model, optimizer, train_step, make_predict_step(strategy, model), state)
+
+
+def train_epoch(parts: StageParts, stage: StageConfig, epoch: int, batches: Iterator[dict],
+                plan: EpochPlan, progress: Callable[[int, float], None]) -> dict:
+    """One epoch of train steps, the LR following `scheduled_lr` step by step; returns the
+    epoch's loss, LR, time, data wait and img/s."""
+    import tensorflow as tf
+
+    per_step_lr = stage.lr_schedule != "constant" or epoch <= stage.warmup_epochs
+    start_lr = epoch_lr(stage, epoch, plan.steps_per_epoch)
+    parts.optimizer.learning_rate.assign(start_lr)
+    started = time.perf_counter()
+    loss_sum, steps, data_wait = 0.0, 0, 0.0
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - waited
+        if batch is None:
+            break
+        batch["image"] = batch["image"].astype(np.float32)
+        if per_step_lr and steps:  # step 0's LR is set above
+            parts.optimizer.learning_rate.assign(scheduled_lr(stage, epoch, steps, plan.steps_per_epoch))
+        loss, _ = parts.train_step({k: tf.constant(v) for k, v in batch.items()})
+        loss_sum, steps = loss_sum + float(loss), steps + 1
+        progress(steps, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return {"loss": loss_sum / max(steps, 1), "lr": start_lr, "train_seconds": seconds,
+            "data_wait_seconds": data_wait, "images_per_second": steps * plan.global_batch_size / seconds}
+
+
+def update_state(state: dict, metrics: dict) -> None:
+    """Best epoch so far (by val macro-F1) and the epochs since; the metrics get the best's figures."""
+    if metrics["val_macro_f1"] > state["best_macro_f1"]:
+        state.update(best_macro_f1=metrics["val_macro_f1"], best_epoch=metrics["epoch"], since_best=0)
+    else:
+        state["since_best"] += 1
+    state["epoch"] = metrics["epoch"]
+    state["history"].append(metrics)
+    metrics.update(best_val_macro_f1=state["best_macro_f1"], best_epoch=state["best_epoch"],
+                   is_best=state["best_epoch"] == metrics["epoch"])
+
+
+def report_epoch(parts: StageParts, metrics: dict, evaluation: dict, rank: int) -> None:
+    """`ray.train.report` on every worker; rank 0 attaches the checkpoint (weights + state)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if rank == 0:
+            parts.model.save_weights(os.path.join(folder, WEIGHTS_FILE))
+            Path(folder, STATE_FILE).write_text(json.dumps({**parts.state, "evaluation": evaluation}))
+            saved = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=saved)
+
+
 def train_stage(loop_config: dict) -> None:
     """One stage on one worker; `loop_config` comes from `stages.fit_stage` (plain data only,
     because Ray ships it to every worker)."""
     import keras
     import ray.train
-    import tensorflow as tf
-
-    from mdfer.model import load_weights_file, model_from_config, set_trainable_fraction
-    from mdfer.steps import make_predict_step, make_train_step
 
     config: Config = config_from_dict(loop_config["config"], loop_config["config_source"])
     stage_index = loop_config["stage_index"]
@@ -170,97 +279,36 @@ def train_stage(loop_config: dict) -> None:
     keras.utils.set_random_seed(config.train.seed + stage_index)
     if config.train.mixed_precision and config.train.gpus_per_worker > 0:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = make_strategy(world, config.train.gpus_per_worker)
-    console = WorkerSide(loop_config.get("console") if rank == 0 else None)
-    classes = config.classes()
-
-    init_weights = loop_config.get("init_weights")
+    console = WorkerSide(loop_config.get("console"), muted=rank != 0)
     checkpoint = ray.train.get_checkpoint()
-    with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
-        model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None,
-                                  training=True, stage_index=stage_index)
-    state = {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
-    if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
-        with checkpoint.as_directory() as folder:
-            model.load_weights(Path(folder) / WEIGHTS_FILE)
-            state = json.loads((Path(folder) / STATE_FILE).read_text())
-        if rank == 0:
-            console.line(f"{stage.name}: resuming after epoch {state['epoch']}")
-    elif init_weights and init_weights != "imagenet":  # the previous stage's best, or a file
-        with tempfile.TemporaryDirectory() as folder:
-            loaded = load_weights_file(model, local_copy(init_weights, folder))
-        if rank == 0:
-            console.line(f"{stage.name}: starting from {init_weights} ({', '.join(loaded)})")
-    summary = set_trainable_fraction(model, stage.frozen_fraction)
-    with strategy.scope():
-        optimizer = make_optimizer(config.train.optimizer, stage.lr, config.train.weight_decay)
-    class_weights = {k: np.asarray(v, np.float32) for k, v in loop_config.get("class_weights", {}).items()}
-    train_step = make_train_step(strategy, model, optimizer, list(classes), stage.loss_weights,
-                                 plan.global_batch_size, config.train.label_smoothing, class_weights)
-    predict_step = make_predict_step(strategy, model)
-    if rank == 0 and state["epoch"] == 0:
-        console.line(f"{stage.name}: lr {stage.lr:g}, frozen {summary['n_frozen']}/{summary['n_backbone_layers']} "
-                    f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
-                    f"per epoch on {world} worker(s)")
-
+    parts = build_stage(config, stage_index, plan, world, loop_config.get("init_weights"), checkpoint,
+                        loop_config.get("class_weights", {}), console.line)
+    state = parts.state
     board = TensorBoard(loop_config.get("tensorboard_uri")) if rank == 0 else None
     train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
     val_shard = ray.train.get_dataset_shard(VAL_DATASET)
     reported = False
     for epoch in range(state["epoch"] + 1, stage.epochs + 1):
         if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
-            if rank == 0:
-                console.line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
+            console.line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
             break
-        per_step_lr = stage.lr_schedule != "constant" or epoch <= stage.warmup_epochs
-        epoch_start_lr = epoch_lr(stage, epoch, plan.steps_per_epoch)
-        optimizer.learning_rate.assign(epoch_start_lr)
-        started = time.perf_counter()
-        loss_sum, steps, data_wait = 0.0, 0, 0.0
-        batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer)
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            data_wait += time.perf_counter() - waited
-            if batch is None:
-                break
-            batch["image"] = batch["image"].astype(np.float32)
-            if per_step_lr and steps:  # step 0's LR is set above
-                optimizer.learning_rate.assign(scheduled_lr(stage, epoch, steps, plan.steps_per_epoch))
-            loss, _ = train_step({k: tf.constant(v) for k, v in batch.items()})
-            loss_sum, steps = loss_sum + float(loss), steps + 1
-            if rank == 0:
-                console.progress(f"{stage.name} epoch {epoch}/{stage.epochs}", steps, plan.steps_per_epoch,
-                                 plan.global_batch_size, time.perf_counter() - started)
-        train_seconds = time.perf_counter() - started
-        evaluation = evaluate_shard(predict_step,
+        label = f"{stage.name} epoch {epoch}/{stage.epochs}"
+        batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer,
+                                     int_seed([config.train.seed, stage_index, epoch, rank]))
+        trained = train_epoch(parts, stage, epoch, batches, plan, lambda steps, seconds: console.progress(
+            label, steps, plan.steps_per_epoch, plan.global_batch_size, seconds))
+        evaluation = evaluate_shard(parts.predict_step,
                                     val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
-                                    classes, rank, world, strategy)
-        metrics = _flat_metrics(stage.name, epoch, evaluation)
-        metrics.update(loss=loss_sum / max(steps, 1), lr=epoch_start_lr,
-                       train_seconds=train_seconds, data_wait_seconds=data_wait,
-                       images_per_second=steps * plan.global_batch_size / train_seconds)
-        if metrics["val_macro_f1"] > state["best_macro_f1"]:
-            state.update(best_macro_f1=metrics["val_macro_f1"], best_epoch=epoch, since_best=0)
-        else:
-            state["since_best"] += 1
-        state["epoch"] = epoch
-        state["history"].append(metrics)
-        metrics.update(best_val_macro_f1=state["best_macro_f1"], best_epoch=state["best_epoch"],
-                       is_best=state["best_epoch"] == epoch)
-        if rank == 0:
-            console.line(epoch_line(stage.name, epoch, stage.epochs, metrics, evaluation, data_wait))
+                                    config.classes(), rank, world, parts.strategy)
+        metrics = {**_flat_metrics(stage.name, epoch, evaluation), **trained}
+        update_state(state, metrics)
+        console.line(epoch_line(stage.name, epoch, stage.epochs, metrics, evaluation, trained["data_wait_seconds"]))
         if board:
             board.write(epoch, metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                model.save_weights(os.path.join(folder, WEIGHTS_FILE))
-                state["evaluation"] = evaluation
-                Path(folder, STATE_FILE).write_text(json.dumps(state))
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved)
+        report_epoch(parts, metrics, evaluation, rank)
         reported = True
+    if board:
+        board.close()
     if checkpoint and not reported and state["history"]:
         # Resumed after the stage's last epoch (or its early stop): report that epoch again, so
         # whoever drives this run (a restored Tune trial) gets its result and checkpoint.
