@@ -79,15 +79,24 @@ class StreamConfig:
     shuffle_buffer: int = 1024
 
 
-# (section, key, default) of every option added after the first release; the section is a dotted
-# path into Config.to_dict(), "stages" meaning each stage. A new option goes here, so that configs
-# which leave it at its default keep their run ids.
-ADDED_OPTIONS = (("stages", "lr_schedule", "constant"), ("model", "inference_lowpass", 0),
-                 ("stages", "warmup_epochs", 0), ("stages", "lr_end", 0.0),
-                 ("train", "optimizer", "adam"), ("train", "weight_decay", 0.0),
-                 ("stream.augment", "erase", 0.0), ("data", "max_image_pixels", 40_000_000),
-                 ("model", "stride1_blocks", []), ("stages", "stride1_blocks", None),
-                 ("train", "placement_strategy", "PACK"))
+# Every option of the first release, as a dotted path ("train.stages.lr": that key of each stage).
+# An option added since counts in a config's identity (and so in `mdfer pipeline`'s automatic run
+# id) only where it differs from its default: a config that does not use it keeps its run id across
+# upgrades, and adding an option needs no entry anywhere (test_config checks this list is closed).
+FIRST_RELEASE_OPTIONS = frozenset({
+    "data", "data.domains", "data.domains.classes", "data.domains.folders", "data.domains.name",
+    "data.domains.root", "data.domains.splits", "data.min_image_side", "data.shard_rows", "data.split_seed",
+    "data.test_fraction", "data.val_fraction",
+    "export", "export.calib_images", "export.parity_images", "export.representative_images",
+    "model", "model.dropout", "model.image_size", "model.weights",
+    "stream", "stream.augment", "stream.augment.brightness", "stream.augment.contrast", "stream.augment.flip",
+    "stream.augment.max_rotation_deg", "stream.augment.max_shift", "stream.batch_size", "stream.domain_mix",
+    "stream.shuffle_buffer",
+    "train", "train.class_weighting", "train.cpus_per_worker", "train.gpus_per_worker", "train.label_smoothing",
+    "train.max_failures", "train.mixed_precision", "train.seed", "train.stages", "train.stages.epochs",
+    "train.stages.frozen_fraction", "train.stages.loss_weights", "train.stages.lr", "train.stages.name",
+    "train.stages.patience", "train.workers",
+})
 # EfficientNetV2B0's block groups (Keras's block1..block6) whose first block has stride 2
 STRIDE2_BLOCKS = (2, 3, 4, 6)
 
@@ -179,20 +188,44 @@ class Config:
         out.pop("export")  # how a trained model is exported does not change the training
         for domain in out["data"]["domains"]:
             domain.pop("root")
-        # Options added after the first release count only when used, so a config that does not
-        # use them keeps its run id (mdfer pipeline's automatic one) across upgrades.
-        for section, key, default in ADDED_OPTIONS:
-            if section == "stages":
-                entries = out["train"]["stages"]
-            else:
-                entry = out
-                for part in section.split("."):
-                    entry = entry[part]
-                entries = [entry]
-            for entry in entries:
-                if entry.get(key) == default:
-                    entry.pop(key)
+        _drop_later_options_at_default(out, Config)
         return out
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (itself, or the items of a list), if any."""
+    args = typing.get_args(hint)
+    inner = args[0] if typing.get_origin(hint) is list and args else hint
+    return inner if dataclasses.is_dataclass(inner) else None
+
+
+def _drop_later_options_at_default(values: dict[str, Any], cls: type, path: str = "") -> None:
+    """Remove, in place, every option not in FIRST_RELEASE_OPTIONS whose value is its default."""
+    hints = typing.get_type_hints(cls)
+    for option in dataclasses.fields(cls):
+        if option.name not in values:
+            continue
+        dotted = f"{path}.{option.name}" if path else option.name
+        if dotted not in FIRST_RELEASE_OPTIONS and option_default(option) == values[option.name]:
+            del values[option.name]
+            continue
+        nested = _dataclass_in(hints[option.name])
+        if nested is not None:
+            items = values[option.name] if isinstance(values[option.name], list) else [values[option.name]]
+            for item in items:
+                _drop_later_options_at_default(item, nested, dotted)
+
+
+def option_default(option: dataclasses.Field) -> Any:
+    """A field's default as `to_dict` writes it (a dataclass default as its dict); a required
+    field has none (a sentinel that equals nothing)."""
+    if option.default is not dataclasses.MISSING:
+        value = option.default
+    elif option.default_factory is not dataclasses.MISSING:
+        value = option.default_factory()
+    else:
+        return dataclasses.MISSING
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 # ---------------------------------------------------------------- loading

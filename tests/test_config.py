@@ -182,6 +182,39 @@ def test_new_recipe_options_stay_out_of_the_identity_at_their_defaults():
     assert used["train"]["stages"][1]["warmup_epochs"] == 1 and "warmup_epochs" not in used["train"]["stages"][0]
 
 
+def _option_paths(cls: type, path: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    hints, found = typing.get_type_hints(cls), []
+    for option in dataclasses.fields(cls):
+        if option.name == "source":
+            continue
+        dotted = f"{path}.{option.name}" if path else option.name
+        args = typing.get_args(hints[option.name])
+        inner = args[0] if typing.get_origin(hints[option.name]) is list and args else hints[option.name]
+        found += [dotted, *(_option_paths(inner, dotted) if dataclasses.is_dataclass(inner) else [])]
+    return found
+
+
+def test_every_later_option_stays_out_of_the_identity_at_its_default_with_no_list_to_update():
+    """A new option needs no registration to keep run ids: whatever is not in the first
+    release's list is dropped at its default, wherever it sits (a stage, a nested section)."""
+    from mdfer.config import FIRST_RELEASE_OPTIONS, Config
+
+    paths = _option_paths(Config)
+    assert FIRST_RELEASE_OPTIONS <= set(paths), "a first-release option that no longer exists"
+    later = [p for p in paths if p not in FIRST_RELEASE_OPTIONS]
+    assert "train.stages.lr_end" in later and "model.stride1_blocks" in later
+    config = load_config(None, {"fer2013": "/a", "fane": "/b"})
+    identity = config.identity()
+    for dotted in later:
+        entries = [identity]
+        for part in dotted.split(".")[:-1]:
+            entries = [e for entry in entries for e in (entry[part] if isinstance(entry[part], list) else [entry[part]])]
+        assert all(dotted.rsplit(".", 1)[-1] not in entry for entry in entries), dotted
+
+
 def test_warmup_then_cosine_per_step_to_lr_end(tmp_path):
     """Linear warm-up, then a cosine from lr to lr_end that reaches lr_end at the stage's last step;
     a function of the position only, so a resumed stage continues the same curve."""
