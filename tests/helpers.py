@@ -66,12 +66,15 @@ def free_ports(count: int) -> list[int]:
 
 
 class RayNode:
-    """One `ray start --block` node on 127.0.0.1 with its own ports and temp dir: the head
-    (`head_gcs_port` None) or a node joining that head. Stopped by its process id (its own
-    session), never by `ray stop`. `env` must carry the token authentication settings."""
+    """One `ray start --block` node with its own ports and temp dir: the head (`head_gcs_port`
+    None) or a node joining that head. Stopped by its process id (its own session), never by
+    `ray stop`. `env` must carry the token authentication settings. `ip`: a loopback address of
+    its own for a second node (127.0.0.2), as a second machine has: with two nodes on one IP a
+    driver may attach to either raylet, and whatever it pins "to its node" may land on the
+    node that is lost."""
 
     def __init__(self, log: Path, env: dict, head_gcs_port: int | None = None, num_cpus: int = 2,
-                 system_config: dict | None = None):
+                 system_config: dict | None = None, ip: str = "127.0.0.1"):
         import json
         import secrets
 
@@ -80,7 +83,7 @@ class RayNode:
         self.temp = f"/tmp/mdfer-{'head' if head_gcs_port is None else 'node'}-{secrets.token_hex(3)}"
         gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = \
             free_ports(9)
-        common = [f"--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={agent_http}",
+        common = [f"--node-ip-address={ip}", f"--dashboard-agent-listen-port={agent_http}",
                   f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                   f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={node_manager}",
                   f"--object-manager-port={object_manager}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]

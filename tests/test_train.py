@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (MDFER, PNG_MAGIC, check_train_console, listening_sockets, registered_checkpoints, run_mdfer,
-                     train_args)
+from helpers import (MDFER, PNG_MAGIC, check_train_console, generated_demo_config, listening_sockets,
+                     registered_checkpoints, run_mdfer, train_args)
 from mdfer.config import load_config
 from mdfer.errors import ConfigError
 from mdfer.evaluate import evaluate_run
@@ -83,7 +83,26 @@ def test_three_stages_two_workers_learn_and_rerun_skips(trained_run):
     assert {key: Path(store.path(key)).stat().st_mtime_ns for key in sealed} == sealed
 
 
-def _train_in_background(learnable: dict, tmp_path: Path, run_id: str, raw: dict,
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict:
+    """A prepared dataset for runs that test what Ray Train does, not what the model learns:
+    550 generated faces at 32 px, a few seconds per epoch."""
+    from mdfer.ingest import prepare
+    from mdfer.storage import Store
+
+    root = tmp_path_factory.mktemp("small")
+
+    def shrink(raw: dict) -> None:
+        raw["model"]["image_size"] = 32
+        raw["stream"]["batch_size"] = 16
+
+    config, raw = generated_demo_config(root, fer_train=40, fer_test=2, fane=30, seed=41, edit=shrink)
+    store = Store(str(root / "store"))
+    return {"config": config, "raw": raw, "store": store,
+            "dataset_id": prepare(load_config(config), store)["dataset_id"]}
+
+
+def _train_in_background(data: dict, tmp_path: Path, run_id: str, raw: dict,
                          *options: str) -> tuple[subprocess.Popen, Path, Path]:
     """`mdfer train` of config `raw` as a subprocess; returns it, the config and the file its
     output goes to (a file, not a pipe: --verbose output fills a pipe nobody reads yet, and Ray's
@@ -92,7 +111,7 @@ def _train_in_background(learnable: dict, tmp_path: Path, run_id: str, raw: dict
     config.write_text(yaml.safe_dump(raw))
     console = tmp_path / f"{run_id}-console.txt"
     with console.open("w") as out:
-        process = subprocess.Popen([*MDFER, *train_args(learnable, run_id, config), *options], stdout=out,
+        process = subprocess.Popen([*MDFER, *train_args(data, run_id, config), *options], stdout=out,
                                    stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     return process, config, console
 
@@ -124,11 +143,11 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow  # trains with Ray in a subprocess
-def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
-    raw = json.loads(json.dumps(learnable["raw"]))
-    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=2, patience=2, lr_schedule="cosine")]
-    store = learnable["store"]
-    process, config, console = _train_in_background(learnable, tmp_path, "fault", raw, "--verbose")
+def test_worker_killed_mid_stage_resumes_from_checkpoint(small, tmp_path):
+    raw = json.loads(json.dumps(small["raw"]))
+    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=3, patience=3, lr_schedule="cosine")]
+    store = small["store"]
+    process, config, console = _train_in_background(small, tmp_path, "fault", raw, "--verbose")
     try:
         # wait until Ray has registered a checkpoint (its snapshot lists one), not merely until
         # a checkpoint folder exists: a kill between the two restarts the stage from scratch
@@ -146,24 +165,24 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(learnable, tmp_path):
     output = console.read_text()
     assert process.returncode == 0, output[-4000:]
     history = store.read_json("runs/fault/metrics.json")["stages"]["stage1"]["history"]
-    assert [row["epoch"] for row in history] == [1, 2]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
     assert "resuming after epoch" in output
     # --verbose gives back what the console leaves out by default: every worker's own output
     assert "(RayTrainWorker pid=" in output and "Execution plan of Dataset" in output
     # the resumed epochs continue the cosine schedule rather than restart it
     stage = load_config(config).train.stages[0]
-    assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2)], rel=1e-5)
+    assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2, 3)], rel=1e-5)
 
 
 @pytest.mark.slow  # trains with Ray in a subprocess
-def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(learnable, tmp_path):
+def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(small, tmp_path):
     """A one-worker run needs no TensorFlow gRPC server (which binds every interface): the Train
     worker listens only on its Ray port, like every other Ray worker. Ray's own servers bind
     every interface in Ray 2.60 (token-authenticated; see cluster/README.md)."""
-    raw = json.loads(json.dumps(learnable["raw"]))
+    raw = json.loads(json.dumps(small["raw"]))
     raw["train"].update(workers=1, cpus_per_worker=1)
-    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=1)]
-    process, _, console = _train_in_background(learnable, tmp_path, "one-worker", raw)
+    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=2, patience=2)]
+    process, _, console = _train_in_background(small, tmp_path, "one-worker", raw)
     sampled: dict[int, set] = {}
     try:
         while process.poll() is None:
@@ -180,5 +199,5 @@ def test_one_worker_run_prints_for_people_and_opens_no_listener_of_its_own(learn
     for pid, sockets in sampled.items():
         assert len(sockets) == 1, f"worker {pid} listens on {sockets}: more than its Ray port"
     per_epoch = check_train_console(output)
-    assert set(per_epoch) == {"stage1 epoch 1/1"} and per_epoch["stage1 epoch 1/1"] <= 4
-    assert "stage1 epoch 1/1: loss" in output and re.search(r"log: \S+\.log; Ray workers' logs: ", output)
+    assert set(per_epoch) == {"stage1 epoch 1/2", "stage1 epoch 2/2"} and max(per_epoch.values()) <= 4
+    assert "stage1 epoch 2/2: loss" in output and re.search(r"log: \S+\.log; Ray workers' logs: ", output)
