@@ -180,7 +180,7 @@ def profile_decode(store: Store, manifest: dict, config: Config, rows: int = 512
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from mdfer.ingest import dataset_key
+    from mdfer.layout import dataset_key
     from mdfer.images import AugmentBatch, DecodeBatch, augment_image, decode_image
 
     shard = manifest["shards"]["train"][0]["file"]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mdfer.export import (EXPORT_DIR, KERAS_FILE, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_OPTIMIZED, split_images,
-                          head_scores, source_prefix)
+from mdfer.export import head_scores, split_images
+from mdfer.layout import EXPORT_DIR, KERAS_FILE, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_OPTIMIZED, source_prefix
 from mdfer.ingest import load_manifest
 from mdfer.predict import open_model
 from mdfer.storage import Store

@@ -195,7 +195,7 @@ def decoded_train_rows(store: Store, manifest: dict, config: Config) -> dict[str
     """Every train image of each dataset decoded once, as the stream's DecodeBatch does it."""
     import pyarrow.parquet as pq
 
-    from mdfer.ingest import dataset_key
+    from mdfer.layout import dataset_key
     from mdfer.images import DecodeBatch
 
     decode, prefix, rows = DecodeBatch(config.model.image_size), dataset_key(manifest["dataset_id"]), {}

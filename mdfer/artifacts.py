@@ -21,11 +21,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mdfer.errors import MdferError
+from mdfer.layout import MANIFEST_FILE, export_key, source_prefix
 from mdfer.storage import Store, s3_endpoint, s3_region, storage_error
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 HASH_CHUNK = 1 << 20
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -51,8 +51,7 @@ class Export:
 
 def export_prefix(run_id: str | None = None, sweep_id: str | None = None) -> tuple[str, str]:
     """(key prefix, label) of the export folder of a run or a sweep (exactly one of them)."""
-    from mdfer.export import EXPORT_DIR, source_prefix
-    return f"{source_prefix(run_id, sweep_id)}/{EXPORT_DIR}", f"run {run_id}" if run_id else f"sweep {sweep_id}"
+    return export_key(source_prefix(run_id, sweep_id)), f"run {run_id}" if run_id else f"sweep {sweep_id}"
 
 
 # ---------------------------------------------------------------- reading the store
@@ -146,14 +145,14 @@ def _unsafe_reason(key: Any) -> str | None:
         return "starts with a drive letter"
     if any(part in ("", ".", "..") for part in key.split("/")):
         return "has an empty, '.' or '..' part"
-    if key == MANIFEST:
+    if key == MANIFEST_FILE:
         return "is the manifest's own name"
     return None
 
 
 def _check_manifest(manifest: Any, uri: str) -> dict[str, Any]:
     """The manifest if it has the fields we act on, else a one-line error naming what is wrong."""
-    where = f"{uri}/{MANIFEST}"
+    where = f"{uri}/{MANIFEST_FILE}"
     if not isinstance(manifest, dict):
         raise MdferError(f"{where}: malformed manifest (not a JSON object)")
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -175,7 +174,7 @@ def _check_manifest(manifest: Any, uri: str) -> dict[str, Any]:
 
 def _read_manifest(source: Source, export: Export) -> bytes:
     try:
-        return source.read_bytes(f"{export.prefix}/{MANIFEST}")
+        return source.read_bytes(f"{export.prefix}/{MANIFEST_FILE}")
     except Exception as exc:
         if _is_not_found(exc):
             raise MdferError(f"no finished export for {export.label} at {export.uri}: "
@@ -192,7 +191,7 @@ def open_export(store_uri: str, run_id: str | None = None, sweep_id: str | None 
     try:
         parsed = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MdferError(f"{export.uri}/{MANIFEST}: malformed manifest (not valid JSON: {exc})") from None
+        raise MdferError(f"{export.uri}/{MANIFEST_FILE}: malformed manifest (not valid JSON: {exc})") from None
     export.manifest = _check_manifest(parsed, export.uri)
     return export, source, raw
 
@@ -274,7 +273,7 @@ def fetch(export: Export, source: Source, manifest_bytes: bytes, dest: Path) -> 
     downloaded, present = [], []
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / MANIFEST).unlink(missing_ok=True)  # unsealed until every file has verified
+        (dest / MANIFEST_FILE).unlink(missing_ok=True)  # unsealed until every file has verified
     except OSError as exc:
         raise MdferError(f"{dest}: cannot download into it ({exc.strerror or exc})") from None
     for key in sorted(files):
@@ -290,7 +289,7 @@ def fetch(export: Export, source: Source, manifest_bytes: bytes, dest: Path) -> 
         except OSError as exc:  # e.g. a folder in dest where the file should go
             raise MdferError(f"{target}: cannot write ({exc.strerror or exc})") from None
         downloaded.append(key)
-    temp = dest / f".{MANIFEST}.part-{uuid.uuid4().hex}"
+    temp = dest / f".{MANIFEST_FILE}.part-{uuid.uuid4().hex}"
     temp.write_bytes(manifest_bytes)
-    os.replace(temp, dest / MANIFEST)
+    os.replace(temp, dest / MANIFEST_FILE)
     return FetchResult(dest, downloaded, present, sum(entry["size"] for entry in files.values()))

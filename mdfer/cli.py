@@ -133,6 +133,7 @@ MAX_LISTED_REJECTS = 20  # beyond this, rejected files are counted by reason (al
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mdfer.config import parse_name_paths
     from mdfer.evaluate import evaluate_model_file, evaluate_run, evaluate_run_on_folders
+    from mdfer.layout import METRICS_FILE
     from mdfer.storage import Store
     store = Store(args.store)
     data = parse_name_paths(args.data, "--data")
@@ -161,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"  rejected {rejected['domain']}: {rejected['path']}: {rejected['reason']}")
         if len(result["rejected"]) > MAX_LISTED_REJECTS:
             print(f"  ... and {len(result['rejected']) - MAX_LISTED_REJECTS} more (counted by reason above; "
-                  f"every one in metrics.json)")
+                  f"every one in {METRICS_FILE})")
     _print_headline(result)
     print(f"report: {result['report']}/")
     return 0
@@ -200,6 +201,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from mdfer.export import export_run
     from mdfer.export import summary_lines as export_summary
     from mdfer.ingest import prepare, summary_lines
+    from mdfer.layout import CURVES_FILE, METRICS_FILE, confusion_file, export_key, run_key
     from mdfer.stages import check_store_shared, ensure_ray, train_run
     from mdfer.storage import Store
     started = time.perf_counter()
@@ -218,12 +220,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     run_id = args.run_id or f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
     train_run(config, store, run_id, manifest["dataset_id"], args.address)
     result = evaluate_run(store, run_id, "test")
-    exported = export_run(store, f"runs/{run_id}", args.require_hef, args.hailo_python)
+    exported = export_run(store, run_key(run_id), args.require_hef, args.hailo_python)
     print(f"\nrun {run_id} on dataset {manifest['dataset_id']}, test split:")
     _print_headline(result)
-    print(f"\nreport: {store.key_uri(f'runs/{run_id}/report/test')}/ (metrics.json, confusion_*.png, "
-          f"training_curves.png)")
-    print(f"export: {store.key_uri(f'runs/{run_id}/export')}/")
+    print(f"\nreport: {result['report']}/ ({METRICS_FILE}, {confusion_file('*')}, {CURVES_FILE})")
+    print(f"export: {store.key_uri(export_key(run_key(run_id)))}/")
     for line in export_summary(exported):
         print(f"  {line}")
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s")
@@ -231,7 +232,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mdfer.export import export_run, source_prefix, summary_lines
+    from mdfer.export import export_run, summary_lines
+    from mdfer.layout import export_key, source_prefix
     from mdfer.storage import Store
     store = Store(args.store)
     prefix = source_prefix(args.run_id, args.sweep_id)
@@ -239,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for line in summary_lines(manifest):
         print(line)
     state = "already complete, nothing written" if manifest.get("skipped") else "written"
-    print(f"{store.key_uri(prefix)}/export: {state}")
+    print(f"{store.key_uri(export_key(prefix))}: {state}")
     return 0
 
 

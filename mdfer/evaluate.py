@@ -24,14 +24,14 @@ import pyarrow.parquet as pq
 
 from mdfer.config import DOMAIN_HEAD, Config, DataConfig, DomainConfig, TrainConfig, validate
 from mdfer.errors import ConfigError, DataError, MdferError
-from mdfer.ingest import dataset_key, load_manifest, prepare, summary_lines
+from mdfer.ingest import load_manifest, prepare, summary_lines
+from mdfer.layout import (FINAL_WEIGHTS_FILE, FLIP_SUFFIX, HEADS_FILE, METRICS_FILE, RUN_FILE, data_report_name,
+                          dataset_key, model_report_key, report_key, run_key, split_report_name)
 from mdfer.metrics import sum_confusions, summarize
 from mdfer.storage import Store, local_copy, resolve, storage_error
 from mdfer.images import EVAL_BATCH, DecodeBatch
 
 FOLDER_SPLIT = "test"  # class folders given to evaluate become a dataset of this one split
-FLIP_SUFFIX = "-flip"  # report folders scored with flip test-time augmentation
-EVALUATIONS = "evaluations"  # store prefix of exported models' reports
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
@@ -46,7 +46,7 @@ def iter_split(store: Store, manifest: dict, split: str, image_size: int,
     decode = DecodeBatch(image_size)
     offset = 0
     for shard in manifest["shards"][split]:
-        table = pq.read_table(io.BytesIO(store.read_bytes(f"{dataset_key(manifest['dataset_id'])}/{shard['file']}")),
+        table = pq.read_table(io.BytesIO(store.read_bytes(dataset_key(manifest["dataset_id"], shard["file"]))),
                               columns=["image", "domain_index", "label"])
         if rows is not None:
             local = rows[(rows >= offset) & (rows < offset + table.num_rows)] - offset
@@ -102,9 +102,8 @@ def load_for_eval(config: Config, weights_uri: str):
 def _require_run(store: Store, run_id: str, weights: str | None) -> bool:
     """Whether the run is finished; an error unless it is, or was started and `weights` name a
     checkpoint of it."""
-    from mdfer.stages import run_key
-    finished = store.exists(run_key(run_id, "metrics.json"))
-    if not finished and not (weights and store.exists(run_key(run_id, "run.json"))):
+    finished = store.exists(run_key(run_id, METRICS_FILE))
+    if not finished and not (weights and store.exists(run_key(run_id, RUN_FILE))):
         raise MdferError(f"{store.key_uri(run_key(run_id))}: no finished run with this id (train it first, "
                          f"or name a checkpoint of it with --weights)")
     return finished
@@ -118,22 +117,22 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     own: what that blur would do to a run already trained (a shift found afterwards); its
     report goes to report/<split>-lowpass<w>/, beside the run's own."""
     from mdfer.report import write_report
-    from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches, run_config, run_key
+    from mdfer.stages import check_dataset_matches, run_config
     finished = _require_run(store, run_id, weights)
     config = run_config(store, run_id)
-    report = run_key(run_id, "report", split)
+    report = report_key(run_id, split_report_name(split))
     if inference_lowpass is not None and inference_lowpass != config.model.inference_lowpass:
         config.model.inference_lowpass = inference_lowpass
         config.source = "--inference-lowpass"
         validate(config)  # names the option and what is wrong with the value
-        report = run_key(run_id, "report", f"{split}-lowpass{inference_lowpass}")
+        report = report_key(run_id, split_report_name(split, inference_lowpass))
     if flip:
         report += FLIP_SUFFIX
-    history = store.read_json(run_key(run_id, "metrics.json")) if finished else None
-    dataset_id = store.read_json(run_key(run_id, "run.json"))["dataset_id"]
+    history = store.read_json(run_key(run_id, METRICS_FILE)) if finished else None
+    dataset_id = store.read_json(run_key(run_id, RUN_FILE))["dataset_id"]
     manifest = load_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
-    weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
+    weights = weights or store.key_uri(run_key(run_id, FINAL_WEIGHTS_FILE))
     model = load_for_eval(config, weights)
     classes = config.classes()
     result = evaluate_model(keras_predict(model), store, manifest, split, classes, config.model.image_size, flip)
@@ -209,16 +208,16 @@ def evaluate_run_on_folders(store: Store, run_id: str, data: dict[str, str], wei
                             flip: bool = False) -> dict:
     """A finished run's final weights on class folders: each dataset name is one of the run's,
     its folders mapped through the run config's folder map for it."""
-    from mdfer.stages import HAILO_WEIGHTS, run_config, run_key
+    from mdfer.stages import run_config
     _require_run(store, run_id, weights)
     config = run_config(store, run_id)
     classes = config.classes()
     domains = [_folder_domain(name, path, classes, {d.name: d.folders for d in config.data.domains})
                for name, path in data.items()]
-    weights = weights or store.key_uri(run_key(run_id, HAILO_WEIGHTS))
+    weights = weights or store.key_uri(run_key(run_id, FINAL_WEIGHTS_FILE))
     return _score_folders(store, lambda: (keras_predict(load_for_eval(config, weights)), config.model.image_size),
                           classes, domains, config.data, flip,
-                          lambda ds: run_key(run_id, "report", f"data-{ds}"), run_id=run_id, weights=weights)
+                          lambda ds: report_key(run_id, data_report_name(ds)), run_id=run_id, weights=weights)
 
 
 def evaluate_model_file(store: Store, model_path: str, data: dict[str, str], config: Config | None = None,
@@ -226,7 +225,7 @@ def evaluate_model_file(store: Store, model_path: str, data: dict[str, str], con
     """An exported .keras/.tflite/.onnx (with its heads.json) on class folders. The class lists
     and the domain order come from heads.json; folder names map to classes case-insensitively,
     or through `config`'s folder maps when one is given."""
-    from mdfer.predict import HEADS_FILE, head_classes, open_model
+    from mdfer.predict import head_classes, open_model
     if not Path(model_path).is_file():
         raise MdferError(f"{model_path}: model file not found")
     heads = head_classes(model_path)
@@ -257,5 +256,5 @@ def evaluate_model_file(store: Store, model_path: str, data: dict[str, str], con
     digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:12]
     checks = config.data if config is not None else DataConfig(domains=[])
     return _score_folders(store, load, classes, domains, checks, flip,
-                          lambda ds: f"{EVALUATIONS}/{Path(model_path).stem}-{digest}/{ds}",
+                          lambda ds: model_report_key(Path(model_path).stem, digest, ds),
                           model=str(model_path), model_sha256_12=digest)

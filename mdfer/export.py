@@ -2,16 +2,8 @@
 
 Everything is built in a local temp folder, checked against the Keras model on test images,
 then copied to `<run>/export/` with `manifest.json` (sizes, sha256, parity) written last: an
-export without a manifest is unfinished, and a finished one is never rewritten.
-
-    hailo_model.keras                       the model, preprocessing inside (0..255 RGB in)
-    hailo_model_float32.tflite              static batch 1, builtin ops, signature "serve"
-    hailo_model_float32_optimized.tflite    dynamic-range weights (int8 weights, float math)
-    hailo_model_int8.tflite                 full integer, uint8 pixels in, float probabilities out
-    model.onnx                              from the float32 TFLite, outputs named by head
-    heads.json                              input size, heads and their classes
-    hailo/  hailo_model.tflite (no preprocessing), model.alls (the normalization), calib.npy,
-            heads.json, hailo_compile.py, hailo_model.hef when the DFC is installed
+export without a manifest is unfinished, and a finished one is never rewritten. The files and
+what each holds: mdfer.layout.
 """
 
 from __future__ import annotations
@@ -29,31 +21,19 @@ import numpy as np
 import yaml
 
 from mdfer import hailo
-from mdfer.artifacts import MANIFEST, MANIFEST_FORMAT, sha256_file
+from mdfer.artifacts import MANIFEST_FORMAT, sha256_file
 from mdfer.config import Config, config_from_dict
 from mdfer.errors import MdferError
-from mdfer.predict import HEADS_FILE, TFLITE_SIGNATURE, OnnxRunner, TFLiteRunner
+from mdfer.layout import (CONFIG_FILE, FINAL_WEIGHTS_FILE, HAILO_CALIB_FILE, HAILO_DIR, HAILO_SCRIPT_FILE, HAILO_TFLITE,
+                          HEADS_FILE, KERAS_FILE, MANIFEST_FILE, METRICS_FILE, ONNX_FILE, RUN_FILE, TFLITE_FLOAT32,
+                          TFLITE_INT8, TFLITE_OPTIMIZED, export_key)
+from mdfer.predict import TFLITE_SIGNATURE, OnnxRunner, TFLiteRunner
 from mdfer.storage import Store
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIR = "export"
-KERAS_FILE = "hailo_model.keras"
-TFLITE_FLOAT32 = "hailo_model_float32.tflite"
-TFLITE_OPTIMIZED = "hailo_model_float32_optimized.tflite"
-TFLITE_INT8 = "hailo_model_int8.tflite"
-ONNX_FILE = "model.onnx"
-HAILO_DIR = "hailo"
-HAILO_TFLITE = f"{HAILO_DIR}/hailo_model.tflite"
 FLOAT_TOLERANCE = 1e-3  # max |probability difference| a float32 format may show against Keras
 ONNX_OPSET = 17
-
-
-def source_prefix(run_id: str | None = None, sweep_id: str | None = None) -> str:
-    """Where a trained model lives: a run, or a finished sweep (which looks like a run)."""
-    if bool(run_id) == bool(sweep_id):
-        raise MdferError("give exactly one of --run-id or --sweep-id")
-    return f"runs/{run_id}" if run_id else f"sweeps/{sweep_id}"
 
 
 # ---------------------------------------------------------------- conversions
@@ -196,15 +176,15 @@ def heads_json(config: Config, preprocessing: str) -> dict:
 def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_python: str | None = None) -> dict:
     """Export the model of a finished run or sweep at `prefix`; returns the manifest.
     An existing manifest means a finished export: it is returned, nothing is rewritten."""
-    manifest_key = f"{prefix}/{EXPORT_DIR}/{MANIFEST}"
+    manifest_key = export_key(prefix, MANIFEST_FILE)
     if store.exists(manifest_key):
         existing = store.read_json(manifest_key)
         if require_hef and existing["hef"] != "compiled":
             raise MdferError(f"--require-hef: {store.key_uri(manifest_key)} is a finished export without a "
                              f"HEF ({existing['hef']}); compile its hailo/ bundle: {hailo.compile_command()}")
-        log.info("%s: already exported, nothing written", store.key_uri(f"{prefix}/{EXPORT_DIR}"))
+        log.info("%s: already exported, nothing written", store.key_uri(export_key(prefix)))
         return {**existing, "skipped": True}
-    if not store.exists(f"{prefix}/metrics.json"):
+    if not store.exists(f"{prefix}/{METRICS_FILE}"):
         raise MdferError(f"{store.key_uri(prefix)}: no finished run or sweep there (train it first)")
     compiler = hailo.find_compiler(hailo_python)
     if require_hef and not compiler.python:
@@ -214,18 +194,18 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
     from mdfer.evaluate import load_for_eval
     from mdfer.ingest import load_manifest
     from mdfer.model import preprocess_constants, without_preprocess
-    from mdfer.stages import HAILO_WEIGHTS, check_dataset_matches
+    from mdfer.stages import check_dataset_matches
 
-    config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/config.yaml")),
-                              store.key_uri(f"{prefix}/config.yaml"))
-    dataset_id = store.read_json(f"{prefix}/run.json")["dataset_id"]
+    config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/{CONFIG_FILE}")),
+                              store.key_uri(f"{prefix}/{CONFIG_FILE}"))
+    dataset_id = store.read_json(f"{prefix}/{RUN_FILE}")["dataset_id"]
     dataset = load_manifest(store, dataset_id)
     check_dataset_matches(config, dataset)
 
     started = time.perf_counter()
     size = config.model.image_size
     classes = config.classes()
-    model = load_for_eval(config, store.key_uri(f"{prefix}/{HAILO_WEIGHTS}"))
+    model = load_for_eval(config, store.key_uri(f"{prefix}/{FINAL_WEIGHTS_FILE}"))
     mean, std = preprocess_constants()
     with tempfile.TemporaryDirectory(prefix="mdfer-export-") as tmp:
         out, work = Path(tmp) / "export", Path(tmp) / "work"
@@ -247,12 +227,13 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
         log.info("export: ONNX (opset %d)", ONNX_OPSET)
         onnx_from_tflite(str(out / TFLITE_FLOAT32), str(out / ONNX_FILE))
 
-        np.save(out / HAILO_DIR / "calib.npy", calib)
-        (out / HAILO_DIR / "model.alls").write_text(hailo.model_script(mean, std))
+        np.save(out / HAILO_DIR / HAILO_CALIB_FILE, calib)
+        (out / HAILO_DIR / HAILO_SCRIPT_FILE).write_text(hailo.model_script(mean, std))
         shutil.copy(hailo.COMPILE_SCRIPT, out / HAILO_DIR / hailo.COMPILE_SCRIPT.name)
         (out / HEADS_FILE).write_text(json.dumps(heads_json(config, "inside the model"), indent=2))
         (out / HAILO_DIR / HEADS_FILE).write_text(json.dumps(heads_json(
-            config, f"normalization in model.alls: (x - {[round(m, 3) for m in mean]}) / {[round(s, 3) for s in std]}"),
+            config, f"normalization in {HAILO_SCRIPT_FILE}: "
+                    f"(x - {[round(m, 3) for m in mean]}) / {[round(s, 3) for s in std]}"),
             indent=2))
 
         log.info("export: parity on up to %s test images", config.export.parity_images or "all")
@@ -278,8 +259,8 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
         files = {str(path.relative_to(out)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
                  for path in sorted(out.rglob("*")) if path.is_file()}
         for name in files:
-            store.write_bytes(f"{prefix}/{EXPORT_DIR}/{name}", (out / name).read_bytes())
-    run = store.read_json(f"{prefix}/metrics.json")
+            store.write_bytes(export_key(prefix, name), (out / name).read_bytes())
+    run = store.read_json(f"{prefix}/{METRICS_FILE}")
     manifest = {
         "format": MANIFEST_FORMAT, "run_id": run["run_id"], "dataset_id": dataset_id, "source": store.key_uri(prefix),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "image_size": size,

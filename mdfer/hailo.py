@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mdfer.errors import MdferError
+from mdfer.layout import HEF_FILE
 
 HW_ARCH = "hailo8"
 COMPILE_SCRIPT = Path(__file__).with_name("hailo_compile.py")
@@ -100,7 +101,7 @@ def compile_hef(compiler: Compiler, bundle: Path, timeout_s: int = 4 * 3600) -> 
     """Run the DFC on the bundle; the HEF lands in the bundle."""
     result = subprocess.run([compiler.python, str(bundle / COMPILE_SCRIPT.name), str(bundle),
                              "--hw-arch", HW_ARCH], capture_output=True, text=True, timeout=timeout_s)
-    hef = bundle / "hailo_model.hef"
+    hef = bundle / HEF_FILE
     if result.returncode != 0 or not hef.is_file():
         last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise MdferError(f"Hailo Dataflow Compiler failed on {bundle}: {last[0]}")

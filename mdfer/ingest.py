@@ -31,6 +31,7 @@ import mdfer
 from mdfer.config import GIVEN_SPLIT_NAMES, WHOLE_DATASET, Config, DomainConfig, require_roots
 from mdfer.errors import DataError
 from mdfer.images import to_rgb8
+from mdfer.layout import MANIFEST_FILE, SHARDS_DIR, dataset_key, shard_file
 from mdfer.logs import Progress, redact
 from mdfer.storage import Store, resolve, storage_error
 
@@ -53,10 +54,6 @@ SHARD_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
-
-
-def dataset_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}"
 
 
 @dataclass
@@ -454,13 +451,13 @@ def prepare(config: Config, store: Store) -> dict:
     scanned = scan(config)
     ds_id = dataset_id(config, scanned)
     prefix = dataset_key(ds_id)
-    if store.exists(f"{prefix}/manifest.json"):
+    if store.exists(f"{prefix}/{MANIFEST_FILE}"):
         log.info("dataset %s is already complete at %s: nothing to do", ds_id, store.key_uri(prefix))
-        manifest = store.read_json(f"{prefix}/manifest.json")
+        manifest = store.read_json(f"{prefix}/{MANIFEST_FILE}")
         _warn(manifest)
         manifest["skipped"] = True
         return manifest
-    store.delete_prefix(f"{prefix}/shards")  # leftovers of an interrupted run of this same id
+    store.delete_prefix(f"{prefix}/{SHARDS_DIR}")  # leftovers of an interrupted run of this same id
 
     result = plan(config, scanned)
     if not result.rows:
@@ -476,11 +473,9 @@ def prepare(config: Config, store: Store) -> dict:
                 domain_files = [f for f in files if f.domain == domain]
                 for start in range(0, len(domain_files), rows_per_shard):
                     chunk = domain_files[start:start + rows_per_shard]
-                    name = f"part-{domain}-{start // rows_per_shard:05d}.parquet"
-                    key = f"{prefix}/shards/{split}/{name}"
-                    _write_shard(store, key, chunk, config, split, sources)
-                    shards[split].append({"file": f"shards/{split}/{name}", "domain": domain,
-                                          "rows": len(chunk)})
+                    shard = shard_file(split, domain, start // rows_per_shard)
+                    _write_shard(store, f"{prefix}/{shard}", chunk, config, split, sources)
+                    shards[split].append({"file": shard, "domain": domain, "rows": len(chunk)})
                     bar.advance(len(chunk))
 
     n_duplicates = sum(len(d["dropped"]) for d in result.duplicates)
@@ -503,14 +498,14 @@ def prepare(config: Config, store: Store) -> dict:
         "shards": shards,
     }
     assert result.scanned == len(result.rows) + len(result.rejected) + n_duplicates
-    store.write_json(f"{prefix}/manifest.json", manifest)  # last: seals the dataset
+    store.write_json(f"{prefix}/{MANIFEST_FILE}", manifest)  # last: seals the dataset
     _warn(manifest)
     manifest["skipped"] = False
     return manifest
 
 
 def load_manifest(store: Store, ds_id: str) -> dict:
-    key = f"{dataset_key(ds_id)}/manifest.json"
+    key = dataset_key(ds_id, MANIFEST_FILE)
     if not store.exists(key):
         raise DataError(f"{store.key_uri(key)}: no complete dataset {ds_id!r} in this store "
                         f"(run `mdfer prepare` first)")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from mdfer.errors import MdferError
+from mdfer.layout import HEADS_FILE
 
-HEADS_FILE = "heads.json"  # beside every exported model: input size, heads and their classes
 TFLITE_SIGNATURE = "serve"
 MODEL_SUFFIXES = (".keras", ".tflite", ".onnx")
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mdfer.layout import CURVES_FILE, METRICS_FILE, confusion_file  # noqa: E402
 from mdfer.storage import Store  # noqa: E402
 
 
@@ -66,12 +67,12 @@ def write_report(store: Store, prefix: str, result: dict, history: dict | None) 
     for head, metrics in result["heads"].items():
         classes = list(metrics["per_class"])
         title = f"{head}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (n={metrics['n']})"
-        key = f"{prefix}/confusion_{head}.png"
+        key = f"{prefix}/{confusion_file(head)}"
         store.write_bytes(key, confusion_png(metrics["confusion"], classes, title))
         written.append(key)
     if history:
-        key = f"{prefix}/training_curves.png"
+        key = f"{prefix}/{CURVES_FILE}"
         store.write_bytes(key, curves_png(history))
         written.append(key)
-    store.write_json(f"{prefix}/metrics.json", result)
-    return written + [f"{prefix}/metrics.json"]
+    store.write_json(f"{prefix}/{METRICS_FILE}", result)
+    return written + [f"{prefix}/{METRICS_FILE}"]

@@ -1,12 +1,6 @@
 """Stages 1 -> 2 -> 3 of a run, each a Ray Train job; the trainer only wires, the loop is in
 `train_loop`. A run is idempotent by id: a stage with `done.json` is never run (or written)
-again, an unfinished one resumes from its latest checkpoint.
-
-Store layout of a run:
-    runs/<run-id>/config.yaml, run.json             what was asked for
-    runs/<run-id>/<stage>/ray/...                    Ray Train's checkpoints (resume point)
-    runs/<run-id>/<stage>/best.weights.h5, done.json the stage's result; done.json last
-    runs/<run-id>/best_model_hailo.weights.h5, metrics.json   the latest finished stage's best
+again, an unfinished one resumes from its latest checkpoint. Where a run's files live: mdfer.layout.
 """
 
 from __future__ import annotations
@@ -27,6 +21,8 @@ from mdfer.config import Config, config_from_dict
 from mdfer.console import WorkerConsole
 from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
+from mdfer.layout import (BEST_WEIGHTS_FILE, CONFIG_FILE, FINAL_WEIGHTS_FILE, METRICS_FILE, RUN_FILE,
+                          STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR, run_key, stage_key)
 from mdfer.storage import Store, file_exists
 from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
 from mdfer.train_loop import STATE_FILE, VAL_DATASET, WEIGHTS_FILE, train_stage
@@ -35,13 +31,6 @@ if TYPE_CHECKING:
     import ray.train
 
 log = logging.getLogger(__name__)
-BEST_WEIGHTS = "best.weights.h5"
-HAILO_WEIGHTS = "best_model_hailo.weights.h5"
-STAGE_DONE = "done.json"
-
-
-def run_key(run_id: str, *parts: str) -> str:
-    return "/".join(["runs", run_id, *parts])
 
 
 # On a small machine the Train actors use up Ray's idle-worker allowance (one per CPU), so the
@@ -114,16 +103,16 @@ def class_weights(config: Config, manifest: dict) -> dict[str, list[float]]:
 
 def run_config(store: Store, run_id: str) -> Config:
     """The config a run was started with (what its weights were trained for)."""
-    key = run_key(run_id, "config.yaml")
+    key = run_key(run_id, CONFIG_FILE)
     return config_from_dict(yaml.safe_load(store.read_bytes(key)), store.key_uri(key))
 
 
 def _start_run(config: Config, store: Store, run_id: str, dataset_id: str) -> None:
     """Record what the run is; refuse to continue a run id under a different config or dataset.
     Data roots may differ (a local copy vs s3://): they do not change what is trained."""
-    key = run_key(run_id, "config.yaml")
+    key = run_key(run_id, CONFIG_FILE)
     if store.exists(key):
-        run = store.read_json(run_key(run_id, "run.json"))
+        run = store.read_json(run_key(run_id, RUN_FILE))
         if run_config(store, run_id).identity() != config.identity() or run["dataset_id"] != dataset_id:
             raise MdferError(f"{store.key_uri(run_key(run_id))}: this run id was started with a "
                              f"different config or dataset ({run['dataset_id']}); use a new --run-id")
@@ -134,9 +123,9 @@ def _start_run(config: Config, store: Store, run_id: str, dataset_id: str) -> No
 def write_run_record(store: Store, prefix: str, config: Config, run_id: str, dataset_id: str) -> None:
     """run.json and config.yaml under `prefix`: what `evaluate` and `export` read about a run
     (or about a finished sweep, which looks like a run to them)."""
-    store.write_json(f"{prefix}/run.json", {"run_id": run_id, "dataset_id": dataset_id,
-                                            "config_source": config.source})
-    store.write_bytes(f"{prefix}/config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
+    store.write_json(f"{prefix}/{RUN_FILE}", {"run_id": run_id, "dataset_id": dataset_id,
+                                               "config_source": config.source})
+    store.write_bytes(f"{prefix}/{CONFIG_FILE}", yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
 
 
 def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
@@ -150,7 +139,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     from ray.train.tensorflow import TensorflowTrainer
 
     stage = config.train.stages[stage_index]
-    folder = folder or run_key(run_id, stage.name)
+    folder = folder or stage_key(run_key(run_id), stage.name)
     workers = config.train.workers
     check_cpus_left_for_data(config)
     plan = plan_epoch(manifest, config, workers)
@@ -162,7 +151,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
         train_loop_config={
             "config": config.to_dict(), "config_source": config.source, "stage_index": stage_index,
             "plan": plan_as_dict(plan), "init_weights": init_weights,
-            "tensorboard_uri": store.key_uri(f"{folder}/tensorboard"),
+            "tensorboard_uri": store.key_uri(f"{folder}/{TENSORBOARD_DIR}"),
             "class_weights": class_weights(config, manifest),
             "console": shown.queue if console else None,
         },
@@ -174,7 +163,8 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != VAL_DATASET]),
         run_config=RunConfig(
-            name="ray", storage_path=store.path(folder), storage_filesystem=store.fs, callbacks=callbacks,
+            name=STAGE_CHECKPOINTS_DIR, storage_path=store.path(folder), storage_filesystem=store.fs,
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_f1",
                                                checkpoint_score_order="max")),
@@ -248,10 +238,10 @@ def _seal_stage(store: Store, run_id: str, stage_name: str, result) -> dict:
         best_state = json.loads((Path(folder) / STATE_FILE).read_text())
     with result.checkpoint.as_directory() as folder:
         history = json.loads((Path(folder) / STATE_FILE).read_text())["history"]
-    store.write_bytes(run_key(run_id, stage_name, BEST_WEIGHTS), weights)
+    store.write_bytes(stage_key(run_key(run_id), stage_name, BEST_WEIGHTS_FILE), weights)
     done = {"stage": stage_name, "best": metrics, "evaluation": best_state.get("evaluation"),
             "history": history, "checkpoint": checkpoint.path}
-    store.write_json(run_key(run_id, stage_name, STAGE_DONE), done)
+    store.write_json(stage_key(run_key(run_id), stage_name, STAGE_DONE_FILE), done)
     return done
 
 
@@ -265,7 +255,7 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
     stages = {}
     init_weights_uri = None
     for index, stage in enumerate(config.train.stages):
-        done_key = run_key(run_id, stage.name, STAGE_DONE)
+        done_key = stage_key(run_key(run_id), stage.name, STAGE_DONE_FILE)
         if store.exists(done_key):
             log.info("%s: already complete in %s, skipped", stage.name, store.key_uri(run_key(run_id)))
             stages[stage.name] = store.read_json(done_key)
@@ -281,9 +271,9 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
                                                        console=True))
             best = stages[stage.name]["best"]
             log.info("%s: done, best val_macro_f1 %.4f at epoch %d", stage.name, best["val_macro_f1"], best["epoch"])
-        init_weights_uri = store.key_uri(run_key(run_id, stage.name, BEST_WEIGHTS))
-    if store.exists(run_key(run_id, "metrics.json")):
-        return store.read_json(run_key(run_id, "metrics.json"))
+        init_weights_uri = store.key_uri(stage_key(run_key(run_id), stage.name, BEST_WEIGHTS_FILE))
+    if store.exists(run_key(run_id, METRICS_FILE)):
+        return store.read_json(run_key(run_id, METRICS_FILE))
     return seal_run(store, run_key(run_id), run_id, dataset_id, stages)
 
 
@@ -292,11 +282,11 @@ def seal_run(store: Store, prefix: str, run_id: str, dataset_id: str, stages: di
     marks the run (or sweep) under `prefix` finished. `stages`: name -> {"best", "history", ...}
     in stage order, each stage's best weights already at `<prefix>/<stage>/best.weights.h5`."""
     last = list(stages)[-1]
-    store.write_bytes(f"{prefix}/{HAILO_WEIGHTS}", store.read_bytes(f"{prefix}/{last}/{BEST_WEIGHTS}"))
+    store.write_bytes(f"{prefix}/{FINAL_WEIGHTS_FILE}", store.read_bytes(stage_key(prefix, last, BEST_WEIGHTS_FILE)))
     summary = {"run_id": run_id, "dataset_id": dataset_id, "final_stage": last,
                "val_macro_f1": stages[last]["best"]["val_macro_f1"],
                "stages": {name: {"best": s["best"], "history": s["history"]} for name, s in stages.items()}}
-    store.write_json(f"{prefix}/metrics.json", summary)
+    store.write_json(f"{prefix}/{METRICS_FILE}", summary)
     return summary
 
 

@@ -23,7 +23,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from mdfer.config import Config
 from mdfer.images import AugmentBatch, DecodeBatch
-from mdfer.ingest import dataset_key
+from mdfer.layout import dataset_key
 from mdfer.storage import Store
 
 TRAIN_PREFIX = "train_"  # Ray Train dataset names: train_<domain>

@@ -5,15 +5,8 @@ inside the trial, `TuneReportCallback` passing every epoch's metrics and checkpo
 Tune), so a trial can use several Train workers. The trial holds only a custom `tune_slot`
 resource (`{"CPU": 0}` is rejected); its Train workers hold the CPUs. Stage N+1's trials start
 from the best checkpoint of stage N's sweep. A sweep is idempotent by id: a stage with
-`best.yaml` is never swept again, an interrupted one continues with `Tuner.restore`.
-
-Store layout of a sweep (when finished it looks like a finished run to `mdfer export`):
-    sweeps/<id>/sweep.json                              what was asked for (base config, dataset)
-    sweeps/<id>/<stage>/tune/...                        Ray Tune's experiment (the resume point)
-    sweeps/<id>/<stage>/trials/<trial-id>/ray/...       each trial's Ray Train checkpoints
-    sweeps/<id>/<stage>/trials.csv, trials.parquet, metric_vs_hparams.png, best.weights.h5
-    sweeps/<id>/<stage>/best.yaml                       the winner; written last: the stage is done
-    sweeps/<id>/config.yaml, run.json, best_model_hailo.weights.h5, metrics.json (last)
+`best.yaml` is never swept again, an interrupted one continues with `Tuner.restore`. Where a
+sweep's files live (when finished it looks like a finished run to `mdfer export`): mdfer.layout.
 """
 
 from __future__ import annotations
@@ -31,8 +24,10 @@ from ray import tune
 from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, read_yaml
 from mdfer.errors import ConfigError, MdferError
 from mdfer.ingest import load_manifest
+from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRIC_PLOT_FILE, METRICS_FILE, SWEEP_FILE, TRIALS_CSV,
+                          TRIALS_PARQUET, TUNE_DIR, stage_key, sweep_key, trial_key)
 from mdfer.logs import VERBOSE, redact, verbosity
-from mdfer.stages import (BEST_WEIGHTS, check_cpus_left_for_data, check_store_shared, initial_weights, root_cause,
+from mdfer.stages import (check_cpus_left_for_data, check_store_shared, initial_weights, root_cause,
                           check_dataset_matches, ensure_ray, fit_stage, seal_run, write_run_record)
 from mdfer.storage import Store
 from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE
@@ -40,18 +35,10 @@ from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE
 log = logging.getLogger(__name__)
 METRIC = "val_macro_f1"  # ASHA and the choice of the winner follow validation macro-F1 (max)
 TUNE_SLOT = "tune_slot"  # the custom resource a trial's Tune function holds
-TUNE_DIR = "tune"
 INIT_KEY = "init_weights"  # a constant in every trial's config: where its weights start
-BEST_FILE = "best.yaml"
-TRIALS_CSV = "trials.csv"
-SWEEP_FILE = "sweep.json"
 SEARCH_ALGORITHMS = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice")
-
-
-def sweep_key(sweep_id: str, *parts: str) -> str:
-    return "/".join(["sweeps", sweep_id, *parts])
 
 
 # ---------------------------------------------------------------- the search-space files
@@ -267,14 +254,14 @@ def run_trial(hparams: dict, *, base: Config, store_uri: str, sweep_id: str, sta
     config = with_hparams(base, stage_index, {k: v for k, v in hparams.items() if k != INIT_KEY})
     trial_id = tune.get_context().get_trial_id()
     fit_stage(config, Store(store_uri), sweep_id, stage_index, manifest, hparams[INIT_KEY],
-              folder=f"{folder}/trials/{trial_id}", callbacks=[TuneReportCallback()])
+              folder=trial_key(folder, trial_id), callbacks=[TuneReportCallback()])
 
 
 def _tuner(base: Config, store: Store, sweep_id: str, stage_index: int, manifest: dict,
            sweep: StageSweep, init_weights: str | None):
     """A new Tuner for the stage, or the interrupted one restored from the store."""
     stage = base.train.stages[stage_index]
-    folder = sweep_key(sweep_id, stage.name)
+    folder = stage_key(sweep_key(sweep_id), stage.name)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, store_uri=store.uri, sweep_id=sweep_id,
                              stage_index=stage_index, manifest=manifest, folder=folder),
@@ -308,7 +295,8 @@ def _store_key(store: Store, fs_path: str) -> str:
 
 def _experiment(store: Store, sweep_id: str, stage: str) -> tune.ExperimentAnalysis:
     """The stage's Tune experiment as saved in the store: what `Tuner.restore` would continue."""
-    return tune.ExperimentAnalysis(store.path(sweep_key(sweep_id, stage, TUNE_DIR)), storage_filesystem=store.fs)
+    return tune.ExperimentAnalysis(store.path(stage_key(sweep_key(sweep_id), stage, TUNE_DIR)),
+                                   storage_filesystem=store.fs)
 
 
 def _check_finished(analysis: tune.ExperimentAnalysis, sweep: StageSweep, stage: str) -> None:
@@ -426,7 +414,7 @@ def metric_png(rows: list[dict], sweep: StageSweep, stage: str, winner: int) -> 
 def _seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Config, sweep: StageSweep) -> dict:
     """Table, picture and the winner's weights next to the stage's sweep; best.yaml last."""
     stage = base.train.stages[stage_index].name
-    folder = sweep_key(sweep_id, stage)
+    folder = stage_key(sweep_key(sweep_id), stage)
     names = list(sweep.parameters())
     analysis = _experiment(store, sweep_id, stage)
     _check_finished(analysis, sweep, stage)
@@ -434,12 +422,12 @@ def _seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Confi
     winner = _winner(rows, stage)
     best_row = rows[winner]
     checkpoint = best_row["checkpoint_path"].removeprefix(store.uri).lstrip("/")  # back to a key
-    store.write_bytes(f"{folder}/{BEST_WEIGHTS}", store.read_bytes(f"{checkpoint}/{WEIGHTS_FILE}"))
+    store.write_bytes(f"{folder}/{BEST_WEIGHTS_FILE}", store.read_bytes(f"{checkpoint}/{WEIGHTS_FILE}"))
     best_metrics = json.loads(store.read_bytes(f"{checkpoint}/{STATE_FILE}"))["history"][-1]
     csv, parquet = _table_bytes(rows)
     store.write_bytes(f"{folder}/{TRIALS_CSV}", csv)
-    store.write_bytes(f"{folder}/trials.parquet", parquet)
-    store.write_bytes(f"{folder}/metric_vs_hparams.png", metric_png(rows, sweep, stage, winner))
+    store.write_bytes(f"{folder}/{TRIALS_PARQUET}", parquet)
+    store.write_bytes(f"{folder}/{METRIC_PLOT_FILE}", metric_png(rows, sweep, stage, winner))
     hparams = {name: best_row[name] for name in names}
     record = {
         "stage": stage, "trial_id": best_row["trial_id"], METRIC: best_row[METRIC], "epoch": best_row["best_epoch"],
@@ -447,7 +435,7 @@ def _seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Confi
         "best": best_metrics, "history": [{k: r.get(k) for k in best_metrics} for r in histories[winner]],
         "config": with_hparams(base, stage_index, hparams).to_dict(),
     }
-    store.write_bytes(f"{folder}/{BEST_FILE}", yaml.safe_dump(record, sort_keys=False).encode())  # last
+    store.write_bytes(f"{folder}/{BEST_TRIAL_FILE}", yaml.safe_dump(record, sort_keys=False).encode())  # last
     return record
 
 
@@ -485,7 +473,7 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
                ray_address: str | None = None) -> dict:
     """Sweep every stage in order, skipping finished ones; returns the sweep's metrics.json
     content. Stage N+1's trials start from stage N's winning weights and hyperparameters."""
-    summary_key = sweep_key(sweep_id, "metrics.json")
+    summary_key = sweep_key(sweep_id, METRICS_FILE)
     if store.exists(summary_key):
         log.info("sweep %s: already complete in %s", sweep_id, store.key_uri(sweep_key(sweep_id)))
         return store.read_json(summary_key)
@@ -495,7 +483,7 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
     _start_sweep(config, store, sweep_id, dataset_id)
     current, init_weights, records = config, initial_weights(config), {}
     for index, (stage, sweep) in enumerate(zip(config.train.stages, sweeps)):
-        best_key = sweep_key(sweep_id, stage.name, BEST_FILE)
+        best_key = stage_key(sweep_key(sweep_id), stage.name, BEST_TRIAL_FILE)
         if store.exists(best_key):
             log.info("%s: sweep already complete in %s, skipped", stage.name, store.key_uri(best_key))
             record = yaml.safe_load(store.read_bytes(best_key))
@@ -507,14 +495,14 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
             check_cpus_left_for_data(current, sweep.max_concurrent_trials)
             _tuner(current, store, sweep_id, index, manifest, sweep, init_weights).fit()
             record = _seal_stage_sweep(store, sweep_id, index, current, sweep)
-            for line in trial_table(store.read_bytes(sweep_key(sweep_id, stage.name, TRIALS_CSV)),
+            for line in trial_table(store.read_bytes(stage_key(sweep_key(sweep_id), stage.name, TRIALS_CSV)),
                                     list(sweep.parameters())):
                 log.info("%s", line)
             log.info("%s: best trial %s, %s %.4f at epoch %d (%s)", stage.name, record["trial_id"], METRIC,
                      record[METRIC], record["epoch"], _describe(record["hyperparameters"]))
         records[stage.name] = record
         current = config_from_dict(record["config"], config.source)
-        init_weights = store.key_uri(sweep_key(sweep_id, stage.name, BEST_WEIGHTS))
+        init_weights = store.key_uri(stage_key(sweep_key(sweep_id), stage.name, BEST_WEIGHTS_FILE))
     write_run_record(store, sweep_key(sweep_id), current, sweep_id, dataset_id)
     return seal_run(store, sweep_key(sweep_id), sweep_id, dataset_id, records)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import run_mdfer
 from mdfer.evaluate import evaluate_run, with_flip
-from mdfer.export import ONNX_FILE, TFLITE_FLOAT32
+from mdfer.layout import ONNX_FILE, TFLITE_FLOAT32
 from mdfer.storage import Store
 
 

@@ -16,8 +16,8 @@ from helpers import path_without_hailo, run_mdfer
 from mdfer import hailo
 from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
-from mdfer.export import (FLOAT_TOLERANCE, HAILO_TFLITE, KERAS_FILE, ONNX_FILE, TFLITE_FLOAT32, TFLITE_INT8,
-                          TFLITE_OPTIMIZED, _saved_model, tflite_bytes)
+from mdfer.export import FLOAT_TOLERANCE, _saved_model, tflite_bytes
+from mdfer.layout import HAILO_TFLITE, KERAS_FILE, ONNX_FILE, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_OPTIMIZED
 from mdfer.predict import open_model
 
 EXPECTED = {KERAS_FILE, TFLITE_FLOAT32, TFLITE_OPTIMIZED, TFLITE_INT8, ONNX_FILE, "heads.json", HAILO_TFLITE,

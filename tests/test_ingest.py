@@ -13,7 +13,8 @@ from PIL import Image
 from mdfer import synth
 from mdfer.config import load_config
 from mdfer.errors import DataError, MdferError
-from mdfer.ingest import dataset_key, prepare
+from mdfer.ingest import prepare
+from mdfer.layout import dataset_key
 from mdfer.storage import Store
 
 
