@@ -1,8 +1,9 @@
 """Does mdfer's Ray Data training stream keep up with training, and how does it compare with tf.data?
 
-One run, on the real FER2013 JPEGs (same files, image size and batch size for every variant):
+One run, on the same JPEGs, image size and batch size for every variant:
 
-1. extract the tarball, write a one-dataset config, `mdfer.ingest.prepare` it into Parquet shards;
+1. generate FER-like faces (`mdfer.synth`), or take FER2013 from --data (its tarball or folder),
+   write a one-dataset config, `mdfer.ingest.prepare` it into Parquet shards;
 2. profile the stream's batch functions on one core (CPU time per image: decode vs augment);
 3. the plain alternative, `keras.utils.image_dataset_from_directory(...).prefetch(AUTOTUNE)`, with
    and without Keras augmentation layers doing the same kind of work;
@@ -21,42 +22,33 @@ just slices memory; windows faster than the per-epoch batch function can possibl
 cores are marked "buffered". Goal: stream >= 2x what the training step consumes.
 
     python benchmarks/data_throughput.py --out /tmp/data_throughput.json
+    python benchmarks/data_throughput.py --data fer2013.tar.gz
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
-os.environ.setdefault("TQDM_DISABLE", "1")  # prepare's progress bars would bury the table
+import harness  # first: it quiets TensorFlow before anything imports it
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
-import shutil
 import sys
-import tarfile
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mdfer.config import AugmentConfig, Config, load_config
 from mdfer.ingest import prepare
 from mdfer.storage import Store
 
-DEFAULT_DATA = "/work/shared/data/fer2013-dev.tar.gz"
-DOMAIN = "fer2013"
-NUM_CLASSES = 7
-DEFAULT_YAML = Path(__file__).resolve().parents[1] / "mdfer" / "configs" / "default.yaml"
+DOMAIN = harness.FER
+GENERATED_PER_CLASS = 2000  # enough train rows after the val carve for a 150-batch window at batch 64
 ZERO_AUGMENT = AugmentConfig(flip=False, max_shift=0.0, max_rotation_deg=0.0, brightness=0.0, contrast=0.0)
 
 
@@ -90,14 +82,7 @@ class Result:
     note: str = ""
 
 
-@dataclass
-class Report:
-    settings: dict[str, Any]
-    results: dict[str, Result] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)
-    profile_cpu_us: dict[str, float] = field(default_factory=dict)
-    phases_s: dict[str, float] = field(default_factory=dict)
-
+class Report(harness.Report):
     def add(self, key: str, result: Result) -> None:
         self.results[key] = result
         window = f", window {result.window_img_s:,.0f} img/s" if result.window_img_s else ""
@@ -110,35 +95,17 @@ class Report:
         return r.epoch_img_s or r.window_img_s
 
 
-# ---------------------------------------------------------------- data preparation
+# ---------------------------------------------------------------- config
 
 
-def extract(tarball: Path, folder: Path) -> Path:
-    """The tarball's fer2013/ root (train/<class>/*.jpg, test/<class>/*.jpg); reused if present."""
-    root = folder / DOMAIN
-    if not (root / "train").is_dir():
-        with tarfile.open(tarball) as tar:
-            tar.extractall(folder, filter="data")
-    if not (root / "train").is_dir():
-        raise SystemExit(f"{tarball}: expected {DOMAIN}/train/<class>/*.jpg inside")
-    return root
-
-
-def write_config(root: Path, image_size: int, batch_size: int, folder: Path) -> Config:
+def write_config(root: str, image_size: int, batch_size: int, folder: Path) -> Config:
     """The default config reduced to its fer2013 entry, so prepare and the stream see exactly
     what a one-dataset training run would (same augmentation, shuffle buffer, shard size)."""
-    raw = yaml.safe_load(DEFAULT_YAML.read_text())
-    (fer,) = [d for d in raw["data"]["domains"] if d["name"] == DOMAIN]
-    raw["data"]["domains"] = [{**fer, "root": str(root)}]
+    raw = harness.reduced_config(harness.DEFAULT_YAML, {DOMAIN: root})
     raw["model"]["image_size"] = image_size
     raw["stream"]["batch_size"] = batch_size
     raw["train"]["workers"] = 1  # one consumer here; keeps any batch size valid
-    for stage in raw["train"]["stages"]:
-        stage["loss_weights"] = {DOMAIN: stage["loss_weights"].get(DOMAIN, 1.0),
-                                 "domain": stage["loss_weights"]["domain"]}
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_config(path)
+    return load_config(harness.write_config(raw, folder / "config.yaml"))
 
 
 # ---------------------------------------------------------------- timing
@@ -255,39 +222,13 @@ def tf_data(train_dir: Path, size: int, batch: int, augment: AugmentConfig | Non
 # ---------------------------------------------------------------- training step
 
 
-def make_step(size: int, batch: int, frozen_fraction: float) -> Callable[[dict[str, np.ndarray]], None]:
-    """A train step fed the way train_loop feeds it (uint8 numpy -> float32 -> tf.constant),
-    blocking until the step is done."""
-    import keras
-    import tensorflow as tf
-
-    from mdfer.model import build_model, set_trainable_fraction
-    from mdfer.steps import make_train_step
-
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    keras.utils.set_random_seed(0)
-    with strategy.scope():
-        model = build_model([(DOMAIN, NUM_CLASSES)], size)
-    set_trainable_fraction(model, frozen_fraction)
-    with strategy.scope():
-        optimizer = keras.optimizers.Adam(1e-4)
-    step = make_train_step(strategy, model, optimizer, [DOMAIN], {DOMAIN: 2.0, "domain": 0.1}, batch)
-
-    def run(batch_: dict[str, np.ndarray]) -> None:
-        feed = dict(batch_, image=batch_["image"].astype(np.float32))
-        loss, _ = step({k: tf.constant(v) for k, v in feed.items()})
-        float(loss)
-
-    return run
-
-
-def time_step(step: Callable[[dict[str, np.ndarray]], None], size: int, batch: int,
+def time_step(step: Callable[[dict[str, np.ndarray]], float], size: int, batch: int,
               warmup: int, steps: int) -> Timeline:
     """The step alone on one fixed batch: what training consumes when data is free."""
     rng = np.random.default_rng(0)
     fixed = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
              "domain": np.zeros(batch, np.int32),
-             "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32)}
+             "label": rng.integers(0, 7, batch).astype(np.int32)}  # FER2013's 7 classes
     return record(lambda: (fixed for _ in range(warmup + steps)), lambda b: batch, on_batch=step)
 
 
@@ -348,36 +289,35 @@ class RayStream:
 # ---------------------------------------------------------------- report
 
 
+COLUMNS = (harness.Column("variant", 46, "<"), harness.Column("start-up s", 10),
+           harness.Column("window img/s", 14), harness.Column("epoch img/s", 13), harness.Column("  note", 0, "<"))
+
+
 def print_table(report: Report) -> None:
     s = report.settings
     print()
-    print(f"mdfer data throughput: {Path(s['data']).name}, {s['train_rows']:,} train rows after prepare, "
+    print(f"mdfer data throughput: {s['data']}, {s['train_rows']:,} train rows after prepare, "
           f"{s['image_size']}x{s['image_size']} RGB, batch {s['batch_size']}, {s['cores']} cores")
     print(f"window = {s['batches']} batches after {s['warmup']} warm-up (train step: {s['train_steps']} "
           f"steps after {s['warmup']}); epoch = one full pass incl. start-up")
-    print(f"1-min load average before the run: {s['load_start']:.1f}"
-          + ("  (other processes were using the cores: expect noise)" if s["load_start"] > 0.5 * s["cores"] else ""))
+    print(harness.load_line(s["load_start"], s["cores"]))
     print()
-    print(f"{'variant':<46}{'start-up s':>9}{'window img/s':>14}{'epoch img/s':>13}  note")
-    print("-" * 120)
-    for r in report.results.values():
-        window = f"{r.window_img_s:,.0f}{'*' if r.buffered else ' '}" if r.window_img_s else "- "
-        epoch = f"{r.epoch_img_s:,.0f}" if r.epoch_img_s else "-"
-        print(f"{r.name:<46}{r.startup_s:>9.1f}{window:>14}{epoch:>13}  {r.note}")
+    harness.print_table(COLUMNS, ([
+        r.name, f"{r.startup_s:.1f}",
+        f"{r.window_img_s:,.0f}{'*' if r.buffered else ' '}" if r.window_img_s else "- ",
+        f"{r.epoch_img_s:,.0f}" if r.epoch_img_s else "-", f"  {r.note}"] for r in report.results.values()))
     if any(r.buffered for r in report.results.values()):
         print(f"* buffered: faster than AugmentBatch can run on {s['cores']} cores "
               f"({s['augment_ceiling_img_s']:,.0f} img/s), so the window only sliced blocks augmented "
               "before the first batch came out; the epoch rate is the real one")
     print()
-    print("ratios of sustained rates (epoch where measured, else window)")
-    for name, value in report.ratios.items():
-        print(f"  {name:<78}{value:>7.2f}")
+    report.print_ratios("ratios of sustained rates (epoch where measured, else window)", 78)
     print()
     print("CPU time per image of the stream's batch functions, one thread, no Ray")
-    for name, us in report.profile_cpu_us.items():
+    for name, us in report.sections["profile_cpu_us_per_image"].items():
         print(f"  {name:<46}{us:>7.0f} us  = {1e6 / us:>7,.0f} img/s per core")
     print()
-    print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.phases_s.items()))
+    report.print_phases()
 
 
 def add_ratios(report: Report, fastest_step: str | None) -> None:
@@ -405,8 +345,11 @@ def add_ratios(report: Report, fastest_step: str | None) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(DEFAULT_DATA), help="FER2013 Kaggle-layout tarball")
+    parser = harness.parser(__doc__)
+    parser.add_argument("--data", type=Path, help="FER2013: its Kaggle-layout tarball (fer2013/train/<class>/*.jpg "
+                        "inside) or that folder; default: generated FER-like faces")
+    parser.add_argument("--per-class", type=int, help=f"train images per class: generated (default "
+                        f"{GENERATED_PER_CLASS}), or taken from --data (default: all)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=150, help="batches in each stream's timed window")
@@ -415,123 +358,110 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frozen", type=float, nargs="*", default=[0.0, 0.5],
                         help="backbone frozen fractions to time the step at (default: stage 3, stage 1)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the stream-feeds-training run")
-    parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus and TensorFlow threads")
-    parser.add_argument("--work", type=Path, help="keep extracted data and shards here and reuse them "
-                                                   "(default: a temp dir, removed at the end)")
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size, batch, warmup, batches = args.image_size, args.batch_size, args.warmup, args.batches
-    work = args.work or Path(tempfile.mkdtemp(prefix="mdfer-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    per_class = args.per_class or (None if args.data else GENERATED_PER_CLASS)
+    phases = harness.Phases()
     ray_started = False
-    phase = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal phase
-        report.phases_s[name] = time.perf_counter() - phase
-        phase = time.perf_counter()
-
-    try:
-        print(f"extracting {args.data} and preparing shards in {work} ...", flush=True)
-        load_start = os.getloadavg()[0]
-        root = extract(args.data, work / "data")
-        config = write_config(root, size, batch, work)
-        store = Store(str(work / "store"))
-        manifest = prepare(config, store)
-        report = Report(settings={
-            "data": str(args.data), "image_size": size, "batch_size": batch, "batches": batches,
-            "warmup": warmup, "train_steps": args.train_steps, "cores": args.cores,
-            "train_rows": sum(manifest["counts"][DOMAIN]["train"].values()),
-            "augment": dataclasses.asdict(config.stream.augment),
-            "shuffle_buffer": config.stream.shuffle_buffer, "load_start": load_start})
-        lap("extract + prepare")
-
-        print("profiling the decode function ...", flush=True)
-        ceiling = None
+    with harness.work_folder(args.work, "mdfer-bench-") as work:
         try:
-            report.profile_cpu_us = profile_decode(store, manifest, config)
-            ceiling = args.cores * 1e6 / report.profile_cpu_us["AugmentBatch, default augment (every epoch)"]
-            report.settings["augment_ceiling_img_s"] = ceiling
-        except Exception as exc:  # mdfer.stream is being reworked: keep the measurements
-            print(f"  profile skipped: {type(exc).__name__}: {exc}", flush=True)
-        lap("profile")
+            source = f"{args.data.name}{f', {per_class}/class' if per_class else ''}" if args.data \
+                else f"generated FER-like, {per_class}/class"
+            print(f"{source}: preparing shards in {work} ...", flush=True)
+            roots = harness.dataset_roots(args.data, work / "data", per_class, fane=False)
+            config = write_config(roots[DOMAIN], size, batch, work)
+            store = Store(str(work / "store"))
+            manifest = prepare(config, store)
+            phases.lap("data + prepare")
+            load_start = harness.wait_for_quiet(args.max_load, args.max_wait)
+            phases.lap("waiting for load")
+            report = Report(settings={
+                "data": source, "image_size": size, "batch_size": batch, "batches": batches,
+                "warmup": warmup, "train_steps": args.train_steps, "cores": args.cores,
+                "train_rows": sum(manifest["counts"][DOMAIN]["train"].values()),
+                "augment": dataclasses.asdict(config.stream.augment),
+                "shuffle_buffer": config.stream.shuffle_buffer, "load_start": load_start},
+                phases_s=phases.seconds)
 
-        import tensorflow as tf
-        tf.config.threading.set_intra_op_parallelism_threads(args.cores)
-        tf.config.threading.set_inter_op_parallelism_threads(args.cores)
-        print("tf.data ...", flush=True)
-        for key, augment, name in (("tf_plain", None, "tf.data image_dataset_from_directory"),
-                                   ("tf_aug", config.stream.augment, "tf.data + Keras augmentation layers")):
-            report.add(key, stream_result(name, tf_data(root / "train", size, batch, augment), warmup, batches))
-        lap("tf.data")
+            print("profiling the decode function ...", flush=True)
+            ceiling = None
+            report.sections["profile_cpu_us_per_image"] = {}
+            try:
+                profile = report.sections["profile_cpu_us_per_image"] = profile_decode(store, manifest, config)
+                ceiling = args.cores * 1e6 / profile["AugmentBatch, default augment (every epoch)"]
+                report.settings["augment_ceiling_img_s"] = ceiling
+            except Exception as exc:  # mdfer.stream is being reworked: keep the measurements
+                print(f"  profile skipped: {type(exc).__name__}: {exc}", flush=True)
+            phases.lap("profile")
 
-        print("training step alone ...", flush=True)
-        warnings.filterwarnings("ignore", message="You are using a softmax over axis -1")  # 1-dataset domain head
-        steps: dict[str, Callable] = {}
-        for frozen in args.frozen:
-            key = f"step_frozen_{frozen:g}"
-            steps[key] = make_step(size, batch, frozen)
-            timeline = time_step(steps[key], size, batch, warmup, args.train_steps)
-            report.add(key, stream_result(f"train step, {frozen:.0%} of backbone frozen", timeline,
-                                          warmup, args.train_steps, note="EfficientNetV2B0, fixed batch",
-                                          whole_pass=False))
-        fastest = max(steps, key=lambda k: report.results[k].window_img_s) if steps else None
-        lap("train step")
+            from mdfer.train_loop import limit_threads
+            limit_threads(args.cores)  # before TensorFlow starts its thread pools
+            print("tf.data ...", flush=True)
+            for key, augment, name in (("tf_plain", None, "tf.data image_dataset_from_directory"),
+                                       ("tf_aug", config.stream.augment, "tf.data + Keras augmentation layers")):
+                timeline = tf_data(Path(roots[DOMAIN]) / "train", size, batch, augment)
+                report.add(key, stream_result(name, timeline, warmup, batches))
+            phases.lap("tf.data")
 
-        import ray
-        ray.init(address="local", num_cpus=args.cores, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
-        ray_started = True
-        quiet_ray_data()
-        lap("ray.init")
-        print("Ray Data stream ...", flush=True)
-        no_aug = dataclasses.replace(config, stream=dataclasses.replace(config.stream, augment=ZERO_AUGMENT))
-        stream = RayStream(store, manifest, config)
-        report.add("ray_build", Result("Ray Data build: decode + materialize", stream.build_s, None,
-                                       epoch_img_s=stream.rows / stream.build_s,
-                                       note="train_datasets(): once per stage"))
-        report.add("ray_aug", stream_result("Ray Data stream, default augment", stream.epoch(), warmup,
-                                            batches, ceiling, note=stream.block_split()))
-        unaugmented = RayStream(store, manifest, no_aug)
-        report.add("ray_noaug", stream_result("Ray Data stream, augment off (all zero)", unaugmented.epoch(),
-                                              warmup, batches, ceiling, note=unaugmented.block_split()))
-        del unaugmented  # frees its materialized images
-        lap("Ray Data")
+            print("training step alone ...", flush=True)
+            warnings.filterwarnings("ignore", message="You are using a softmax over axis -1")  # 1-dataset domain head
+            steps: dict[str, Callable] = {}
+            for frozen in args.frozen:
+                key = f"step_frozen_{frozen:g}"
+                steps[key] = harness.plain_train_step(config, manifest, batch, stage_index=-1, frozen_fraction=frozen)
+                timeline = time_step(steps[key], size, batch, warmup, args.train_steps)
+                report.add(key, stream_result(f"train step, {frozen:.0%} of backbone frozen", timeline,
+                                              warmup, args.train_steps, note="EfficientNetV2B0, fixed batch",
+                                              whole_pass=False))
+            fastest = max(steps, key=lambda k: report.results[k].window_img_s) if steps else None
+            phases.lap("train step")
 
-        if fastest and not args.no_e2e:
-            print("Ray Data stream feeding the training step (the stream's 2nd epoch) ...", flush=True)
-            timeline = stream.epoch(on_batch=steps[fastest], limit=warmup + args.train_steps)
-            frozen = float(fastest.removeprefix("step_frozen_"))
-            result = stream_result(f"end to end: Ray stream -> step, {frozen:.0%} frozen",
-                                   timeline, warmup, args.train_steps,
-                                   note="first steps of epoch 2; start-up = first batch + first step",
-                                   whole_pass=False)
-            report.add("e2e", result)
-            lap("end to end")
-        del stream
-        ray.shutdown()
-        ray_started = False
-
-        add_ratios(report, fastest)
-        print_table(report)
-        if args.out:
-            args.out.write_text(json.dumps({
-                "settings": report.settings,
-                "results": {k: dataclasses.asdict(v) for k, v in report.results.items()},
-                "ratios": report.ratios, "profile_cpu_us_per_image": report.profile_cpu_us,
-                "phases_s": report.phases_s}, indent=2) + "\n")
-            print(f"wrote {args.out}")
-        return 0
-    finally:
-        if ray_started:
             import ray
+            ray.init(address="local", num_cpus=args.cores, include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.WARNING)
+            ray_started = True
+            quiet_ray_data()
+            phases.lap("ray.init")
+            print("Ray Data stream ...", flush=True)
+            no_aug = dataclasses.replace(config, stream=dataclasses.replace(config.stream, augment=ZERO_AUGMENT))
+            stream = RayStream(store, manifest, config)
+            report.add("ray_build", Result("Ray Data build: decode + materialize", stream.build_s, None,
+                                           epoch_img_s=stream.rows / stream.build_s,
+                                           note="train_datasets(): once per stage"))
+            report.add("ray_aug", stream_result("Ray Data stream, default augment", stream.epoch(), warmup,
+                                                batches, ceiling, note=stream.block_split()))
+            unaugmented = RayStream(store, manifest, no_aug)
+            report.add("ray_noaug", stream_result("Ray Data stream, augment off (all zero)", unaugmented.epoch(),
+                                                  warmup, batches, ceiling, note=unaugmented.block_split()))
+            del unaugmented  # frees its materialized images
+            phases.lap("Ray Data")
+
+            if fastest and not args.no_e2e:
+                print("Ray Data stream feeding the training step (the stream's 2nd epoch) ...", flush=True)
+                timeline = stream.epoch(on_batch=steps[fastest], limit=warmup + args.train_steps)
+                frozen = float(fastest.removeprefix("step_frozen_"))
+                result = stream_result(f"end to end: Ray stream -> step, {frozen:.0%} frozen",
+                                       timeline, warmup, args.train_steps,
+                                       note="first steps of epoch 2; start-up = first batch + first step",
+                                       whole_pass=False)
+                report.add("e2e", result)
+                phases.lap("end to end")
+            del stream
             ray.shutdown()
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+            ray_started = False
+        finally:
+            if ray_started:
+                import ray
+                ray.shutdown()
+
+    add_ratios(report, fastest)
+    print_table(report)
+    report.write(args.out)
+    return 0
 
 
 if __name__ == "__main__":

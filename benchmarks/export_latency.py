@@ -11,7 +11,10 @@ macro-F1 within 1 point.
 
 from __future__ import annotations
 
+import harness  # first: it quiets TensorFlow before anything imports it
+
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +29,9 @@ from mdfer.storage import Store
 
 MODELS = (KERAS_FILE, TFLITE_FLOAT32, TFLITE_OPTIMIZED, TFLITE_INT8)
 WARMUP = 20
+COLUMNS = (harness.Column("model", 41, "<"), harness.Column("median ms", 10), harness.Column("p90 ms", 9),
+           harness.Column("MB", 8), harness.Column("macro-F1", 10), harness.Column("speed vs f32", 14),
+           harness.Column("size vs f32", 13), harness.Column("F1 - f32", 10))
 
 
 def measure(path: str, images: np.ndarray, threads: int) -> tuple[list[float], dict[str, np.ndarray]]:
@@ -40,15 +46,18 @@ def measure(path: str, images: np.ndarray, threads: int) -> tuple[list[float], d
     return seconds, {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = harness.parser(__doc__, work=False)
     parser.add_argument("--store", required=True)
     parser.add_argument("--run-id")
     parser.add_argument("--sweep-id")
     parser.add_argument("--images", type=int, default=300, help="test images (batch 1 each)")
     parser.add_argument("--threads", type=int, default=1, help="TFLite interpreter threads")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     store = Store(args.store)
@@ -60,22 +69,27 @@ def main() -> None:
     images, domain, label = split_images(store, dataset, "test", manifest["image_size"], args.images)
     images = images.astype(np.float32)
 
-    rows = {}
+    report = harness.Report(settings={
+        "store": args.store, "source": prefix, "images": len(images), "threads": args.threads,
+        "image_size": manifest["image_size"], "load_start": harness.wait_for_quiet(args.max_load, args.max_wait)})
     for name in MODELS:
         seconds, probs = measure(str(folder / name), images, args.threads)
-        rows[name] = {"ms": 1000 * statistics.median(seconds), "p90": 1000 * float(np.percentile(seconds, 90)),
-                      "mb": manifest["files"][name]["size"] / 1e6,
-                      "f1": head_scores(probs, domain, label, classes)["macro_f1"]}
-    base = rows[TFLITE_FLOAT32]
-    print(f"{len(images)} test images, batch 1, {args.threads} thread(s), image {manifest['image_size']} px")
-    print(f"{'model':<40} {'median ms':>10} {'p90 ms':>8} {'MB':>7} {'macro-F1':>9} "
-          f"{'speed vs f32':>13} {'size vs f32':>12} {'F1 - f32':>9}")
-    for name, row in rows.items():
-        print(f"{name:<40} {row['ms']:>10.2f} {row['p90']:>8.2f} {row['mb']:>7.2f} {row['f1']:>9.4f} "
-              f"{base['ms'] / row['ms']:>12.2f}x {row['mb'] / base['mb']:>11.0%} {row['f1'] - base['f1']:>+9.4f}")
-    int8 = rows[TFLITE_INT8]
-    print(f"goal int8: >= 2x faster ({base['ms'] / int8['ms']:.2f}x), <= 30% size "
-          f"({int8['mb'] / base['mb']:.0%}), macro-F1 within 0.01 ({int8['f1'] - base['f1']:+.4f})")
+        report.results[name] = {"ms": 1000 * statistics.median(seconds),
+                                "p90": 1000 * float(np.percentile(seconds, 90)),
+                                "mb": manifest["files"][name]["size"] / 1e6,
+                                "f1": head_scores(probs, domain, label, classes)["macro_f1"]}
+    base, int8 = report.results[TFLITE_FLOAT32], report.results[TFLITE_INT8]
+    report.ratios = {"int8 speed / float32  [goal >= 2]": base["ms"] / int8["ms"],
+                     "int8 size / float32  [goal <= 0.30]": int8["mb"] / base["mb"],
+                     "int8 macro-F1 - float32, in points  [goal >= -1]": 100 * (int8["f1"] - base["f1"])}
+    print(f"{len(images)} test images, batch 1, {args.threads} thread(s), image {manifest['image_size']} px; "
+          + harness.load_line(report.settings["load_start"], os.cpu_count()))
+    harness.print_table(COLUMNS, ([
+        name, f"{row['ms']:.2f}", f"{row['p90']:.2f}", f"{row['mb']:.2f}", f"{row['f1']:.4f}",
+        f"{base['ms'] / row['ms']:.2f}x", f"{row['mb'] / base['mb']:.0%}", f"{row['f1'] - base['f1']:+.4f}"]
+        for name, row in report.results.items()))
+    report.print_ratios("goal, int8 against float32", 44)
+    report.write(args.out)
 
 
 if __name__ == "__main__":

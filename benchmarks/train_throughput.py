@@ -29,21 +29,17 @@ efficiency (c) / (2 x (b)) >= 0.85.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
-os.environ.setdefault("TQDM_DISABLE", "1")  # prepare's progress bars would bury the table
+import harness  # first: it quiets TensorFlow before anything imports it
 
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,7 +53,6 @@ if TYPE_CHECKING:
     from mdfer.config import Config
     from mdfer.storage import Store
 
-DEFAULT_YAML = Path(__file__).resolve().parents[1] / "mdfer" / "configs" / "default.yaml"
 PRECISION_ENV = "MDFER_BENCH_PRECISION"  # a Keras dtype policy for the plain loop
 RUN_PREFIX = "bench"
 
@@ -92,6 +87,7 @@ class Measured:
     load_start: float = 0.0
     load_end: float = 0.0
     note: str = ""
+    img_s_after_epoch_1: float | None = None  # rate(), for the JSON report
 
     def rate(self, skip: int = 1) -> float:
         """Images per second over epochs after the first `skip` (all epochs if too few)."""
@@ -100,14 +96,6 @@ class Measured:
 
     def timed(self, skip: int = 1) -> list[dict]:
         return self.epochs[skip:] or self.epochs
-
-
-@dataclass
-class Report:
-    settings: dict[str, Any]
-    results: dict[str, Measured] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)
-    phases_s: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- data and configs
@@ -125,50 +113,11 @@ def busy_share(start: tuple[float, float], end: tuple[float, float]) -> float | 
     return busy / total if total > 0 else None
 
 
-def generated_roots(folder: Path, per_class: int) -> dict[str, str]:
-    """FER-like + FANE-like faces as `mdfer pipeline` generates them; written once per folder."""
-    from mdfer import synth
-
-    done = folder / f".complete-{per_class}"
-    if not done.exists():
-        synth.write_fer_like(folder / "fer2013", per_class, max(2, per_class // 4), seed=0)
-        synth.write_fane_like(folder / "fane", per_class + per_class // 4, seed=0)
-        done.touch()
-    return {"fer2013": str(folder / "fer2013"), "fane": str(folder / "fane")}
-
-
-def extract_subset(tarball: Path, folder: Path, per_class: int) -> dict[str, str]:
-    """The first `per_class` train images of each FER2013 class (a quarter as many test images):
-    the full 28k-image train split would take far longer than the time budget per epoch."""
-    root = folder / "fer2013"
-    done = folder / f".complete-{per_class}"
-    if not done.exists():
-        taken: dict[tuple[str, str], int] = {}
-        with tarfile.open(tarball) as tar:
-            for member in tar:
-                parts = Path(member.name).parts
-                if not member.isfile() or len(parts) != 4 or parts[0] != "fer2013":
-                    continue
-                split, cls = parts[1], parts[2]
-                limit = per_class if split == "train" else max(2, per_class // 4)
-                if taken.get((split, cls), 0) < limit:
-                    taken[(split, cls)] = taken.get((split, cls), 0) + 1
-                    tar.extract(member, folder, filter="data")
-        if not (root / "train").is_dir():
-            raise SystemExit(f"{tarball}: expected fer2013/train/<class>/*.jpg inside")
-        done.touch()
-    return {"fer2013": str(root)}
-
-
 def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argparse.Namespace) -> Path:
     """--config (the embedded default unless given) reduced to the given datasets and one stage, so
     every variant trains exactly what a run of mdfer would (same augmentation, shuffle buffer,
     optimizer, loss weights)."""
-    raw = yaml.safe_load(args.config.read_text())
-    raw["data"]["domains"] = [{**d, "root": roots[d["name"]]} for d in raw["data"]["domains"] if d["name"] in roots]
-    if not raw["data"]["domains"]:
-        raise SystemExit(f"{args.config}: none of its datasets is {', '.join(roots)}")
-    raw["stream"].pop("domain_mix", None)  # only some of its datasets are here
+    raw = harness.reduced_config(args.config, roots)
     raw["model"]["image_size"] = variant.image_size or args.image_size
     if variant.stride1_blocks is not None:
         raw["model"]["stride1_blocks"] = list(variant.stride1_blocks)
@@ -183,30 +132,23 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
     raw["train"]["stages"] = [{
         "name": "bench", "lr": last["lr"], "lr_schedule": "constant", "frozen_fraction": args.frozen_fraction,
         "epochs": args.epochs, "patience": args.epochs,  # never stop early
-        "loss_weights": {k: v for k, v in last["loss_weights"].items() if k in roots or k == "domain"}}]
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+        "loss_weights": last["loss_weights"]}]
+    return harness.write_config(raw, path)
 
 
 # ---------------------------------------------------------------- the plain loop (child process)
 
 
 def decoded_train_rows(store: Store, manifest: dict, config: Config) -> dict[str, dict[str, np.ndarray]]:
-    """Every train image of each dataset decoded once, as the stream's DecodeBatch does it."""
-    import pyarrow.parquet as pq
+    """Every train image of each dataset decoded once, as the stream decodes it (DecodeBatch,
+    through mdfer.evaluate.iter_split)."""
+    from mdfer.evaluate import iter_split
+    from mdfer.stream import BATCH_KEYS
 
-    from mdfer.layout import dataset_key
-    from mdfer.images import DecodeBatch
-
-    decode, prefix, rows = DecodeBatch(config.model.image_size), dataset_key(manifest["dataset_id"]), {}
-    for domain in config.domain_names():
-        parts = []
-        for shard in (s for s in manifest["shards"]["train"] if s["domain"] == domain):
-            table = pq.read_table(store.path(f"{prefix}/{shard['file']}"), columns=["image", "domain_index", "label"])
-            parts.append(decode({k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}))
-        if parts:
-            rows[domain] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return rows
+    parts = list(iter_split(store, manifest, "train", config.model.image_size))
+    every = {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+    mine = {name: every["domain"] == index for index, name in enumerate(config.domain_names())}
+    return {name: {k: v[rows] for k, v in every.items()} for name, rows in mine.items() if rows.any()}
 
 
 def epoch_indices(n: int, needed: int, rng: np.random.Generator) -> np.ndarray:
@@ -216,36 +158,24 @@ def epoch_indices(n: int, needed: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
-    """Variant (a): the training step with data that costs nothing, the ceiling Ray Train aims at."""
-    from mdfer.train_loop import limit_threads, make_optimizer
+    """Variant (a): the training step with data that costs nothing, the ceiling Ray Train aims at.
+    Mirrors mdfer.train_loop.train_stage on one worker: its thread limits and set-up
+    (harness.plain_train_step), its epoch loop and per-epoch numbers; not its Ray Data stream,
+    validation, checkpoints and LR schedule (the stage here is constant-LR)."""
+    from mdfer.train_loop import limit_threads
 
     limit_threads(config.train.cpus_per_worker)  # what the Ray Train worker sets, before TF starts its pools
-    import keras
-    import tensorflow as tf
-
     if os.environ.get(PRECISION_ENV):
+        import keras
         keras.mixed_precision.set_global_policy(os.environ[PRECISION_ENV])
 
-    from mdfer.model import model_from_config, set_trainable_fraction
-    from mdfer.stages import class_weights
-    from mdfer.steps import make_train_step
     from mdfer.stream import BATCH_KEYS, plan_epoch
 
     stage = config.train.stages[0]
     started = time.perf_counter()
     plan = plan_epoch(manifest, config, num_workers=1)
     rows = decoded_train_rows(store, manifest, config)
-    keras.utils.set_random_seed(config.train.seed)
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    classes = config.classes()
-    with strategy.scope():
-        model = model_from_config(config, training=True)
-    set_trainable_fraction(model, stage.frozen_fraction)
-    with strategy.scope():
-        optimizer = make_optimizer(config.train.optimizer, stage.lr, config.train.weight_decay)
-    weights = {k: np.asarray(v, np.float32) for k, v in class_weights(config, manifest).items()}
-    step = make_train_step(strategy, model, optimizer, list(classes), stage.loss_weights,
-                           plan.global_batch_size, config.train.label_smoothing, weights)
+    train_on = harness.plain_train_step(config, manifest, plan.global_batch_size)
     rng = np.random.default_rng(config.train.seed)
     epochs = []
     for epoch in range(1, stage.epochs + 1):
@@ -260,9 +190,7 @@ def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
                 parts.append({k: rows[d][k][picked] for k in BATCH_KEYS})
             batch = {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
             data_wait += time.perf_counter() - waited
-            batch["image"] = batch["image"].astype(np.float32)  # as train_loop feeds the step
-            loss, _ = step({k: tf.constant(v) for k, v in batch.items()})
-            loss_sum += float(loss)
+            loss_sum += train_on(batch)
         seconds = time.perf_counter() - epoch_started
         epochs.append({"epoch": epoch, "steps": plan.steps_per_epoch, "train_seconds": seconds,
                        "data_wait_seconds": data_wait, "loss": loss_sum / plan.steps_per_epoch,
@@ -388,7 +316,7 @@ def run_child(variant: Variant, config_path: Path, args: argparse.Namespace, dat
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"{variant.name}: exit code {child.returncode}; last lines of {log_path}:\n{tail}")
     measured = Measured(**json.loads(result_path.read_text()))
-    measured.key, measured.name = variant.key, variant.name
+    measured.key, measured.name, measured.img_s_after_epoch_1 = variant.key, variant.name, measured.rate()
     return measured
 
 
@@ -404,22 +332,6 @@ def stop_group(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGKILL)  # the group id is the child's pid (new session)
     except ProcessLookupError:
         pass
-
-
-def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 30.0) -> float:
-    """Wall-clock rates are only comparable on an otherwise idle machine: wait for the 1-minute
-    load average to drop below `max_load`; returns the load the measurement starts under."""
-    waited = 0.0
-    load = os.getloadavg()[0]
-    while load >= max_load and waited < max_wait_s:
-        print(f"  1-min load average {load:.2f} >= {max_load}: waiting ({waited:.0f} of {max_wait_s:.0f} s)",
-              flush=True)
-        time.sleep(poll_s)
-        waited += poll_s
-        load = os.getloadavg()[0]
-    if load >= max_load:
-        print(f"  load still {load:.2f} after {waited:.0f} s: measuring anyway, expect noise", flush=True)
-    return load
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
@@ -455,7 +367,7 @@ def stride1_label(config_path: Path) -> str:
     return str((yaml.safe_load(config_path.read_text()).get("model") or {}).get("stride1_blocks", []))
 
 
-def add_ratios(report: Report) -> None:
+def add_ratios(report: harness.Report) -> None:
     r, got, ratios = (lambda k: report.results[k].rate()), report.results, {}
     if {"ray1", "plain"} <= got.keys():
         ratios["(b) Ray Train 1 worker / (a) plain loop  [goal >= 0.95]"] = r("ray1") / r("plain")
@@ -476,29 +388,33 @@ def add_ratios(report: Report) -> None:
     report.ratios = ratios
 
 
-def print_table(report: Report) -> None:
+COLUMNS = (harness.Column("configuration", 54, "<"), harness.Column("img/s", 7), harness.Column("per epoch", 22),
+           harness.Column("step ms", 9), harness.Column("compute", 9), harness.Column("wait s/ep", 10),
+           harness.Column("stage s", 9), harness.Column("proc s", 8), harness.Column("busy", 6),
+           harness.Column("load", 11))
+
+
+def table_row(m: Measured) -> list[str]:
+    timed = m.timed()
+    steps = sum(e["steps"] for e in timed)
+    seconds = sum(e["train_seconds"] for e in timed)
+    wait = sum(e["data_wait_seconds"] for e in timed)
+    return [m.name, f"{m.rate():.1f}", " ".join(f"{e['images_per_second']:.0f}" for e in m.epochs),
+            f"{1e3 * seconds / steps:.0f}", f"{1e3 * (seconds - wait) / steps:.0f}", f"{wait / len(timed):.1f}",
+            f"{m.wall_stage_s:.0f}", f"{m.wall_process_s:.0f}", f"{m.cpu_busy:.0%}" if m.cpu_busy is not None else "-",
+            f"{m.load_start:.1f}->{m.load_end:<4.1f}"]
+
+
+def print_table(report: harness.Report) -> None:
     s = report.settings
     print()
     print(f"mdfer training throughput: {s['data']}, {s['train_rows']:,} train rows, {s['image_size']}x"
           f"{s['image_size']}, global batch {s['batch_size']}, frozen {s['frozen_fraction']:.0%}, "
           f"{s['epochs']} epochs, {s['cores']} cores, augment {'off' if s['no_augment'] else 'default'}")
     print(f"img/s = images / train seconds of epochs 2..{s['epochs']} (epoch 1 traces the step); "
-          f"1-min load average when measuring started: {s['load_start']:.2f}")
+          + harness.load_line(s["load_start"], s["cores"]))
     print()
-    header = (f"{'configuration':<54}{'img/s':>7}{'per epoch':>22}{'step ms':>9}{'compute':>9}"
-              f"{'wait s/ep':>10}{'stage s':>9}{'proc s':>8}{'busy':>6}{'load':>11}")
-    print(header)
-    print("-" * len(header))
-    for m in report.results.values():
-        timed = m.timed()
-        steps = sum(e["steps"] for e in timed)
-        seconds = sum(e["train_seconds"] for e in timed)
-        wait = sum(e["data_wait_seconds"] for e in timed)
-        per_epoch = " ".join(f"{e['images_per_second']:.0f}" for e in m.epochs)
-        busy = f"{m.cpu_busy:.0%}" if m.cpu_busy is not None else "-"
-        print(f"{m.name:<54}{m.rate():>7.1f}{per_epoch:>22}{1e3 * seconds / steps:>9.0f}"
-              f"{1e3 * (seconds - wait) / steps:>9.0f}{wait / len(timed):>10.1f}{m.wall_stage_s:>9.0f}"
-              f"{m.wall_process_s:>8.0f}{busy:>6}{m.load_start:>5.1f}->{m.load_end:<4.1f}")
+    harness.print_table(COLUMNS, map(table_row, report.results.values()))
     print("step ms = train seconds / steps; compute = the same without the time spent waiting for a batch; "
           "stage s = data build + model + epochs (plain: no validation) or fit_stage() (Ray: Ray Data build, "
           "worker start, epochs with validation and checkpoints); proc s = the whole subprocess; busy = share "
@@ -508,19 +424,17 @@ def print_table(report: Report) -> None:
             init = f"ray.init {m.ray_init_s:.1f} s; " if m.ray_init_s is not None else ""
             print(f"  {m.key}: {init}{m.note}")
     print()
-    print("ratios of img/s")
-    for name, value in report.ratios.items():
-        print(f"  {name:<66}{value:>6.2f}")
+    report.print_ratios("ratios of img/s", 66)
     print()
-    print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.phases_s.items()))
+    report.print_phases()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="FER2013 Kaggle-layout tarball (e.g. "
-                        "/work/shared/data/fer2013-dev.tar.gz); default: generated FER-like + FANE-like faces")
+    parser = harness.parser(__doc__)
+    parser.add_argument("--data", type=Path, help="FER2013: its Kaggle-layout tarball (fer2013/train/<class>/*.jpg "
+                        "inside) or that folder; default: generated FER-like + FANE-like faces")
     parser.add_argument("--per-class", type=int, default=150,
-                        help="train images per class: generated, or taken from the tarball")
+                        help="train images per class: generated, or taken from --data")
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch, every configuration")
     parser.add_argument("--epochs", type=int, default=3)
@@ -529,7 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-1worker", type=float, default=1.0,
                         help="train.cpus_per_worker of (b); must leave a CPU to Ray Data")
     parser.add_argument("--skip-half-batch", action="store_true", help="skip the (a/2) diagnostic")
-    parser.add_argument("--config", type=Path, default=DEFAULT_YAML,
+    parser.add_argument("--config", type=Path, default=harness.DEFAULT_YAML,
                         help="the config whose stream, model and train settings every variant uses "
                              "(default: the embedded default.yaml); its last stage's LR, one stage")
     parser.add_argument("--sizes", type=int, nargs="*", default=[],
@@ -542,13 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "uses the config's model.stride1_blocks")
     parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2", "sizes", "stride1"),
                         help="run only these configurations (to debug one)")
-    parser.add_argument("--cores", type=int, default=2, help="Ray num_cpus")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load average first")
-    parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for --max-load at most")
     parser.add_argument("--timeout", type=float, default=480, help="seconds per configuration at most")
-    parser.add_argument("--work", type=Path, help="keep data and shards here and reuse them "
-                                                   "(default: a temp dir, removed at the end)")
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     # one configuration in a subprocess (internal)
     parser.add_argument("--child", choices=("plain", "ray"), help=argparse.SUPPRESS)
     parser.add_argument("--child-config", type=Path, help=argparse.SUPPRESS)
@@ -563,65 +471,50 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     if args.batch_size % 2:
         raise SystemExit("--batch-size must be even: (c) splits it over 2 workers")
-    keep = args.work is not None
-    args.work = (args.work or Path(tempfile.mkdtemp(prefix="mdfer-train-bench-"))).resolve()
-    args.work.mkdir(parents=True, exist_ok=True)
-    phase = time.perf_counter()
-    phases: dict[str, float] = {}
+    phases = harness.Phases()
+    with harness.work_folder(args.work, "mdfer-train-bench-") as work:
+        try:
+            report = measure(args, work, phases)
+        finally:
+            shutil.rmtree(work / "store" / "runs", ignore_errors=True)  # a kept --work: data and shards only
+    add_ratios(report)
+    print_table(report)
+    report.write(args.out)
+    return 0
 
-    def lap(name: str) -> None:
-        nonlocal phase
-        phases[name] = time.perf_counter() - phase
-        phase = time.perf_counter()
 
-    try:
-        from mdfer.config import load_config
-        from mdfer.ingest import prepare
-        from mdfer.storage import Store
+def measure(args: argparse.Namespace, work: Path, phases: harness.Phases) -> harness.Report:
+    """Every configuration of the run, one subprocess after another, on the same shards."""
+    from mdfer.config import load_config
+    from mdfer.ingest import prepare
+    from mdfer.storage import Store
 
-        if args.data:
-            print(f"taking {args.per_class}/class from {args.data} into {args.work} ...", flush=True)
-            roots = extract_subset(args.data, args.work / "data", args.per_class)
-        else:
-            print(f"generating {args.per_class}/class FER-like + FANE-like faces in {args.work} ...", flush=True)
-            roots = generated_roots(args.work / "data", args.per_class)
-        todo = variants(args)
-        paths = {v.key: write_config(args.work / f"config-{v.key}.yaml", roots, v, args) for v in todo}
-        store = Store(str(args.work / "store"))
-        manifest = prepare(load_config(next(iter(paths.values()))), store)  # same data in all
-        store.delete_prefix("runs")  # a reused --work: no earlier checkpoints to resume from
-        lap("data + prepare")
+    source = f"{args.data}, {args.per_class}/class" if args.data else \
+        f"generated FER-like + FANE-like, {args.per_class}/class"
+    print(f"{source}: preparing shards in {work} ...", flush=True)
+    roots = harness.dataset_roots(args.data, work / "data", args.per_class)
+    todo = variants(args)
+    paths = {v.key: write_config(work / f"config-{v.key}.yaml", roots, v, args) for v in todo}
+    store = Store(str(work / "store"))
+    manifest = prepare(load_config(next(iter(paths.values()))), store)  # same data in all
+    store.delete_prefix("runs")  # a reused --work: no earlier checkpoints to resume from
+    phases.lap("data + prepare")
 
-        print("checking the machine is quiet ...", flush=True)
-        load = wait_for_quiet(args.max_load, args.max_wait)
-        lap("waiting for load")
-        report = Report(settings={
-            "data": str(args.data) if args.data else f"generated FER-like + FANE-like, {args.per_class}/class",
-            "per_class": args.per_class, "image_size": args.image_size, "batch_size": args.batch_size,
-            "epochs": args.epochs, "frozen_fraction": args.frozen_fraction, "no_augment": args.no_augment,
-            "cores": args.cores, "cpus_1worker": args.cpus_1worker, "load_start": load,
-            "stride1_blocks": stride1_label(args.config),
-            "train_rows": sum(sum(c["train"].values()) for c in manifest["counts"].values()),
-            "dataset_id": manifest["dataset_id"]})
-        for variant in todo:
-            print(f"{variant.name} ...", flush=True)
-            report.results[variant.key] = run_child(variant, paths[variant.key], args, manifest["dataset_id"])
-            lap(variant.key)
-        report.phases_s = phases
-        add_ratios(report)
-        print_table(report)
-        if args.out:
-            args.out.write_text(json.dumps({
-                "settings": report.settings,
-                "results": {k: {**asdict(m), "img_s_after_epoch_1": m.rate()} for k, m in report.results.items()},
-                "ratios": report.ratios, "phases_s": report.phases_s}, indent=2) + "\n")
-            print(f"wrote {args.out}")
-        return 0
-    finally:
-        if keep:
-            shutil.rmtree(args.work / "store" / "runs", ignore_errors=True)
-        else:
-            shutil.rmtree(args.work, ignore_errors=True)
+    load = harness.wait_for_quiet(args.max_load, args.max_wait)
+    phases.lap("waiting for load")
+    report = harness.Report(settings={
+        "data": source, "per_class": args.per_class, "image_size": args.image_size, "batch_size": args.batch_size,
+        "epochs": args.epochs, "frozen_fraction": args.frozen_fraction, "no_augment": args.no_augment,
+        "cores": args.cores, "cpus_1worker": args.cpus_1worker, "load_start": load,
+        "stride1_blocks": stride1_label(args.config),
+        "train_rows": sum(sum(c["train"].values()) for c in manifest["counts"].values()),
+        "dataset_id": manifest["dataset_id"]}, phases_s=phases.seconds)
+    args.work = work  # the children's --work
+    for variant in todo:
+        print(f"{variant.name} ...", flush=True)
+        report.results[variant.key] = run_child(variant, paths[variant.key], args, manifest["dataset_id"])
+        phases.lap(variant.key)
+    return report
 
 
 if __name__ == "__main__":
