@@ -116,7 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mdfer.storage import Store
-    from mdfer.tune import load_sweeps, sweep_dataset, tune_sweep
+    from mdfer.sweep_spaces import load_sweeps
+    from mdfer.tune import sweep_dataset, tune_sweep
     config = _load(args)
     load_sweeps(config, args.spaces)  # a bad space fails here, before any data or cluster work
     store = Store(args.store)

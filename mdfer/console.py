@@ -16,6 +16,7 @@ from queue import Empty
 from mdfer.logs import Progress, worker_line
 
 log = logging.getLogger("mdfer.train")
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has it (ray._common.constants)
 PROGRESS_UPDATES = 40  # per epoch, from the rank-0 worker (every 2.5%: smooth enough for a bar)
 
 
@@ -23,12 +24,11 @@ class WorkerConsole:
     """Driver side: `with WorkerConsole() as console:` pass `console.queue` to the workers."""
 
     def __init__(self):
-        import ray
         from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        # on the driver's node: a worker node that is lost must not take the console with it
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        # on the head node, as Ray Train's own state actor: a worker node that is lost must not
+        # take the console with it (the driver's own node is not always the head: two nodes
+        # on one host, or a driver whose IP matches no node, attach to either)
+        self.queue = Queue(actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="mdfer-worker-console", daemon=True)
         self._bars: dict[str, Progress] = {}

@@ -7,179 +7,33 @@ resource (`{"CPU": 0}` is rejected); its Train workers hold the CPUs. Stage N+1'
 from the best checkpoint of stage N's sweep. A sweep is idempotent by id: a stage with
 `best.yaml` is never swept again, an interrupted one continues with `Tuner.restore`. Where a
 sweep's files live (when finished it looks like a finished run to `mdfer export`): mdfer.layout.
+The search-space files: mdfer.sweep_spaces; a finished stage's table, picture and winner:
+mdfer.sweep_results.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from ray import tune
 
-from mdfer.config import DOMAIN_HEAD, Config, build_typed, config_from_dict, read_yaml
-from mdfer.errors import ConfigError, MdferError
+from mdfer.config import Config, config_from_dict
+from mdfer.errors import MdferError
 from mdfer.ingest import load_manifest
-from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRIC_PLOT_FILE, METRICS_FILE, SWEEP_FILE, TRIALS_CSV,
-                          TRIALS_PARQUET, TUNE_DIR, stage_key, sweep_key, trial_key)
-from mdfer.logs import VERBOSE, redact, verbosity
-from mdfer.stages import (check_cpus_left_for_data, check_store_shared, initial_weights, root_cause,
-                          check_dataset_matches, ensure_ray, fit_stage, seal_run, write_run_record)
+from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRICS_FILE, SWEEP_FILE, TRIALS_CSV, TUNE_DIR,
+                          stage_key, sweep_key, trial_key)
+from mdfer.logs import VERBOSE, verbosity
+from mdfer.stages import (check_cpus_left_for_data, check_dataset_matches, check_store_shared, ensure_ray,
+                          fit_stage, initial_weights, seal_run, write_run_record)
 from mdfer.storage import Store
-from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE
+from mdfer.sweep_results import seal_stage_sweep, trial_table
+from mdfer.sweep_spaces import (INIT_KEY, METRIC, Distribution, SchedulerSpec, SearchSpec, StageSweep, describe,
+                                load_sweeps, with_hparams)
 
 log = logging.getLogger(__name__)
-METRIC = "val_macro_f1"  # ASHA and the choice of the winner follow validation macro-F1 (max)
 TUNE_SLOT = "tune_slot"  # the custom resource a trial's Tune function holds
-INIT_KEY = "init_weights"  # a constant in every trial's config: where its weights start
-SEARCH_ALGORITHMS = ("random", "optuna")
-SCHEDULERS = ("asha", "fifo")
-DISTRIBUTIONS = ("loguniform", "uniform", "choice")
-
-
-# ---------------------------------------------------------------- the search-space files
-
-
-@dataclass
-class Distribution:
-    """One hyperparameter's values: exactly one of these."""
-
-    loguniform: list[float] | None = None  # [low, high], sampled on a log scale
-    uniform: list[float] | None = None  # [low, high]
-    choice: list[float] | None = None  # the values to pick from
-
-
-@dataclass
-class SearchSpace:
-    lr: Distribution | None = None  # the stage's learning rate
-    loss_weights: dict[str, Distribution] = field(default_factory=dict)  # head name -> weight
-    batch_size: Distribution | None = None  # global batch (stream.batch_size): a choice of integers
-    label_smoothing: Distribution | None = None  # train.label_smoothing
-
-
-@dataclass
-class SearchSpec:
-    algorithm: str = "random"  # random | optuna (needs `pip install optuna`)
-    seed: int = 0
-
-
-@dataclass
-class SchedulerSpec:
-    name: str = "asha"  # asha: stop poor trials early on val_macro_f1 | fifo: run every trial out
-    grace_period: int = 1  # epochs a trial runs before ASHA may stop it
-    reduction_factor: float = 2.0
-
-
-@dataclass
-class StageSweep:
-    """A stage's sweep, from tune_spaces/<stage>.yaml."""
-
-    space: SearchSpace
-    search: SearchSpec = field(default_factory=SearchSpec)
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    num_samples: int = 8
-    max_concurrent_trials: int = 1
-    source: str = "<sweep>"
-
-    def parameters(self) -> dict[str, Distribution]:
-        """Flat names (`lr`, `loss_weights.fane`, ...) -> distribution, as in the results table."""
-        space = self.space
-        found = {"lr": space.lr, **{f"loss_weights.{h}": d for h, d in space.loss_weights.items()},
-                 "batch_size": space.batch_size, "label_smoothing": space.label_smoothing}
-        return {name: d for name, d in found.items() if d is not None}
-
-
-def load_sweeps(config: Config, spaces_dir: str | Path) -> list[StageSweep]:
-    """`<spaces_dir>/<stage>.yaml` for every stage of `config`, each validated against it."""
-    return [load_sweep(Path(spaces_dir) / f"{stage.name}.yaml", config, index)
-            for index, stage in enumerate(config.train.stages)]
-
-
-def load_sweep(path: Path, config: Config, stage_index: int) -> StageSweep:
-    """One search-space file; every error names the file and the dotted key."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: search space file not found (one per stage of {config.source}: "
-                          f"{', '.join(s.name + '.yaml' for s in config.train.stages)})")
-    raw = read_yaml(path.read_bytes(), str(path))
-    sweep = build_typed(StageSweep, raw, "", str(path))  # the main config's loader: unknown keys, types
-    sweep.source = str(path)
-    _validate_sweep(sweep, config, stage_index)
-    return sweep
-
-
-def _validate_sweep(sweep: StageSweep, config: Config, stage_index: int) -> None:
-    """Ranges, names and choices; every value a trial can draw must give a valid config."""
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{sweep.source}: {key}: {message}")
-
-    stage = config.train.stages[stage_index]
-    heads = [*config.domain_names(), DOMAIN_HEAD]
-    for head in sweep.space.loss_weights:
-        need(head in heads, f"space.loss_weights.{head}",
-             f"no dataset or head {head!r} in {config.source} (heads: {', '.join(heads)})")
-    parameters = sweep.parameters()
-    need(bool(parameters), "space", "nothing to search; give lr, loss_weights, batch_size or label_smoothing")
-    for name, dist in parameters.items():
-        kinds = [kind for kind in DISTRIBUTIONS if getattr(dist, kind) is not None]
-        need(len(kinds) == 1, f"space.{name}", "give exactly one of loguniform: [low, high], "
-                                               "uniform: [low, high], choice: [values]")
-        kind, values = kinds[0], getattr(dist, kinds[0])
-        key = f"space.{name}.{kind}"
-        if kind == "choice":
-            need(len(values) >= 1, key, "give at least one value")
-        else:
-            need(len(values) == 2, key, f"expected [low, high], got {values}")
-            need(values[0] < values[1], key, f"low {values[0]:g} must be < high {values[1]:g}")
-            need(kind != "loguniform" or values[0] > 0, key, f"low {values[0]:g} must be > 0 on a log scale")
-        if name == "batch_size":
-            need(kind == "choice" and all(float(v).is_integer() for v in values), f"space.{name}",
-                 "give a choice of whole numbers, e.g. choice: [16, 32]")
-            dist.choice = [int(v) for v in values]
-        for value in values:  # the ends of a range and every choice: the config's own validation
-            try:
-                with_hparams(config, stage_index, {name: value})
-            except ConfigError as exc:
-                need(False, key, f"{value:g} is not valid for {config.source}: "
-                                 f"{str(exc).removeprefix(config.source + ': ')}")
-    search, scheduler = sweep.search, sweep.scheduler
-    need(search.algorithm in SEARCH_ALGORITHMS, "search.algorithm",
-         f"unknown search algorithm {search.algorithm!r} (use {', '.join(SEARCH_ALGORITHMS)})")
-    if search.algorithm == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            need(False, "search.algorithm", "optuna is not installed (pip install optuna); or use random")
-    need(scheduler.name in SCHEDULERS, "scheduler.name",
-         f"unknown scheduler {scheduler.name!r} (use {', '.join(SCHEDULERS)})")
-    need(1 <= scheduler.grace_period <= stage.epochs, "scheduler.grace_period",
-         f"{scheduler.grace_period} must be within 1 and the {stage.epochs} epoch(s) of {stage.name} "
-         f"in {config.source}")
-    need(scheduler.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1")
-    need(sweep.num_samples >= 1, "num_samples", "must be >= 1")
-    need(sweep.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
-
-
-def with_hparams(config: Config, stage_index: int, hparams: dict) -> Config:
-    """`config` with one trial's hyperparameters (flat names) put in place, validated again."""
-    raw = config.to_dict()
-    stage = raw["train"]["stages"][stage_index]
-    for name, value in hparams.items():
-        if name == "lr":
-            stage["lr"] = float(value)
-        elif name.startswith("loss_weights."):
-            stage["loss_weights"][name.split(".", 1)[1]] = float(value)
-        elif name == "batch_size":
-            raw["stream"]["batch_size"] = int(value)
-        elif name == "label_smoothing":
-            raw["train"]["label_smoothing"] = float(value)
-        else:
-            raise MdferError(f"unknown hyperparameter {name!r}")
-    return config_from_dict(raw, config.source)
 
 
 # ---------------------------------------------------------------- Ray Tune
@@ -220,10 +74,6 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _describe(hparams: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in hparams.items() if k != INIT_KEY)
-
-
 class TrialLines(tune.Callback):
     """One log line per trial event, so a sweep's progress reads like a training run's."""
 
@@ -231,7 +81,7 @@ class TrialLines(tune.Callback):
         self.stage = stage
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        log.info("%s trial %s started: %s", self.stage, trial.trial_id, _describe(trial.config))
+        log.info("%s trial %s started: %s", self.stage, trial.trial_id, describe(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         log.info("%s trial %s epoch %s: %s %.4f (best %.4f)", self.stage, trial.trial_id, result.get("epoch"),
@@ -283,160 +133,6 @@ def _tuner(base: Config, store: Store, sweep_id: str, stage_index: int, manifest
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=store.path(folder), storage_filesystem=store.fs,
                                   callbacks=[TrialLines(stage.name)],
                                   verbose=1 if verbosity() == VERBOSE else 0))  # TrialLines say it
-
-
-# ---------------------------------------------------------------- results
-
-
-def _store_key(store: Store, fs_path: str) -> str:
-    """The store key of a path Ray reports (a file-system path, no s3:// scheme)."""
-    return fs_path[len(store.root):].lstrip("/")
-
-
-def _experiment(store: Store, sweep_id: str, stage: str) -> tune.ExperimentAnalysis:
-    """The stage's Tune experiment as saved in the store: what `Tuner.restore` would continue."""
-    return tune.ExperimentAnalysis(store.path(stage_key(sweep_key(sweep_id), stage, TUNE_DIR)),
-                                   storage_filesystem=store.fs)
-
-
-def _check_finished(analysis: tune.ExperimentAnalysis, sweep: StageSweep, stage: str) -> None:
-    """Tune returns normally after Ctrl-C (its trials in memory then all look stopped); the state
-    it saved tells: a trial not TERMINATED or ERROR, or trials not yet created, is unfinished."""
-    done = sum(trial.status in ("TERMINATED", "ERROR") for trial in analysis.trials)
-    if done < max(sweep.num_samples, len(analysis.trials)):
-        log.warning("%s: sweep interrupted with %d of %d trial(s) unfinished; run the same command "
-                    "again to continue it", stage, sweep.num_samples - done, sweep.num_samples)
-        raise KeyboardInterrupt
-
-
-def _trial_rows(analysis: tune.ExperimentAnalysis, store: Store, names: list[str]) -> tuple[list[dict], list[dict]]:
-    """(one row per trial, each trial's reported epochs)."""
-    frames = analysis.trial_dataframes
-    rows, histories = [], []
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):  # creation order, also after a restore
-        frame = frames.get(trial.trial_id)
-        reported = []
-        if frame is not None and not frame.empty and METRIC in frame:
-            frame = frame[frame[METRIC].notna()].drop_duplicates("epoch", keep="last").sort_values("epoch")
-            reported = [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
-        scored = [r for r in reported if r.get("checkpoint_path")]
-        best = max(scored, key=lambda r: (r[METRIC], -r["epoch"])) if scored else None
-        error = trial.get_error() if trial.status == "ERROR" else None
-        rows.append({
-            "trial_id": trial.trial_id, "status": trial.status,
-            **{name: trial.config.get(name) for name in names},
-            METRIC: best[METRIC] if best else None, "best_epoch": best["epoch"] if best else None,
-            "epochs_run": len(reported),
-            "checkpoint_path": store.key_uri(_store_key(store, best["checkpoint_path"])) if best else None,
-            INIT_KEY: trial.config.get(INIT_KEY),
-            "seconds_to_first_report": reported[0]["time_total_s"] if reported else None,
-            "first_epoch_train_seconds": reported[0]["train_seconds"] if reported else None,
-            "error": redact(root_cause(Exception(error))) if error else None,
-        })
-        histories.append(reported)
-    return rows, histories
-
-
-def _plain(value):
-    """A pandas cell as a plain Python value (exact floats; NaN as None) for YAML and JSON."""
-    value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def _winner(rows: list[dict], stage: str) -> int:
-    """Index of the trial with the best reported metric; the earlier trial wins a tie."""
-    scored = [i for i, row in enumerate(rows) if row[METRIC] is not None]
-    if not scored:
-        errors = [row["error"] for row in rows if row["error"]]
-        raise MdferError(f"{stage}: no trial reported a checkpoint ({len(rows)} trial(s))"
-                         + (f"; first error: {errors[0]}" if errors else ""))
-    return max(scored, key=lambda i: (rows[i][METRIC], -i))
-
-
-def _table_bytes(rows: list[dict]) -> tuple[bytes, bytes]:
-    """The trials table as CSV and Parquet."""
-    import pandas as pd
-    frame = pd.DataFrame(rows)
-    parquet = io.BytesIO()
-    frame.to_parquet(parquet, index=False)
-    return frame.to_csv(index=False).encode(), parquet.getvalue()
-
-
-def trial_table(csv: bytes, names: list[str]) -> list[str]:
-    """The stage's trials as an aligned table for the console: id, status, hyperparameters, the
-    best val_macro_f1 and its epoch (the winner starred)."""
-    import pandas as pd
-    frame = pd.read_csv(io.BytesIO(csv))
-    best = frame[METRIC].idxmax() if frame[METRIC].notna().any() else None
-    header = ["trial", "status", *names, METRIC, "epoch"]
-    cells = [[str(row["trial_id"]) + (" *" if i == best else ""), str(row["status"]),
-              *(f"{row[n]:.3g}" if isinstance(row[n], float) else str(row[n]) for n in names),
-              "-" if pd.isna(row[METRIC]) else f"{row[METRIC]:.4f}",
-              "-" if pd.isna(row["best_epoch"]) else str(int(row["best_epoch"]))]
-             for i, row in frame.iterrows()]
-    widths = [max(len(r[c]) for r in [header, *cells]) for c in range(len(header))]
-    return ["  ".join(text.ljust(width) for text, width in zip(r, widths)).rstrip() for r in [header, *cells]]
-
-
-def metric_png(rows: list[dict], sweep: StageSweep, stage: str, winner: int) -> bytes:
-    """val_macro_f1 against each hyperparameter, one panel each; the winner is the red star."""
-    from matplotlib.ticker import NullFormatter
-
-    from mdfer.report import figure_png, plt
-    parameters = sweep.parameters()
-    figure, axes = plt.subplots(1, len(parameters), figsize=(3.6 * len(parameters), 3.4), squeeze=False,
-                                sharey=True)
-    for axis, (name, dist) in zip(axes[0], parameters.items()):
-        for i, row in enumerate(rows):
-            if row[METRIC] is not None:
-                axis.scatter(row[name], row[METRIC], marker="*" if i == winner else "o",
-                             s=160 if i == winner else 40, color="tab:red" if i == winner else "tab:blue")
-        if dist.loguniform:  # the whole searched range, ticks at its ends and middle
-            low, high = dist.loguniform
-            axis.set_xscale("log")
-            axis.set_xlim(low / 1.2, high * 1.2)
-            ticks = [low, math.sqrt(low * high), high]
-            axis.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
-            axis.xaxis.set_minor_formatter(NullFormatter())
-        elif dist.uniform:
-            low, high = dist.uniform
-            axis.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-        else:
-            axis.set_xticks(dist.choice)
-        axis.set_xlabel(name)
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel(METRIC)
-    figure.suptitle(f"{stage}: {METRIC} of each trial vs its hyperparameters ({len(rows)} trials)")
-    figure.tight_layout()
-    return figure_png(figure)
-
-
-def _seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Config, sweep: StageSweep) -> dict:
-    """Table, picture and the winner's weights next to the stage's sweep; best.yaml last."""
-    stage = base.train.stages[stage_index].name
-    folder = stage_key(sweep_key(sweep_id), stage)
-    names = list(sweep.parameters())
-    analysis = _experiment(store, sweep_id, stage)
-    _check_finished(analysis, sweep, stage)
-    rows, histories = _trial_rows(analysis, store, names)
-    winner = _winner(rows, stage)
-    best_row = rows[winner]
-    checkpoint = best_row["checkpoint_path"].removeprefix(store.uri).lstrip("/")  # back to a key
-    store.write_bytes(f"{folder}/{BEST_WEIGHTS_FILE}", store.read_bytes(f"{checkpoint}/{WEIGHTS_FILE}"))
-    best_metrics = json.loads(store.read_bytes(f"{checkpoint}/{STATE_FILE}"))["history"][-1]
-    csv, parquet = _table_bytes(rows)
-    store.write_bytes(f"{folder}/{TRIALS_CSV}", csv)
-    store.write_bytes(f"{folder}/{TRIALS_PARQUET}", parquet)
-    store.write_bytes(f"{folder}/{METRIC_PLOT_FILE}", metric_png(rows, sweep, stage, winner))
-    hparams = {name: best_row[name] for name in names}
-    record = {
-        "stage": stage, "trial_id": best_row["trial_id"], METRIC: best_row[METRIC], "epoch": best_row["best_epoch"],
-        "hyperparameters": hparams, "checkpoint_path": best_row["checkpoint_path"], INIT_KEY: best_row[INIT_KEY],
-        "best": best_metrics, "history": [{k: r.get(k) for k in best_metrics} for r in histories[winner]],
-        "config": with_hparams(base, stage_index, hparams).to_dict(),
-    }
-    store.write_bytes(f"{folder}/{BEST_TRIAL_FILE}", yaml.safe_dump(record, sort_keys=False).encode())  # last
-    return record
 
 
 # ---------------------------------------------------------------- the sweep
@@ -494,12 +190,12 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
             check_store_shared(store)
             check_cpus_left_for_data(current, sweep.max_concurrent_trials)
             _tuner(current, store, sweep_id, index, manifest, sweep, init_weights).fit()
-            record = _seal_stage_sweep(store, sweep_id, index, current, sweep)
+            record = seal_stage_sweep(store, sweep_id, index, current, sweep)
             for line in trial_table(store.read_bytes(stage_key(sweep_key(sweep_id), stage.name, TRIALS_CSV)),
                                     list(sweep.parameters())):
                 log.info("%s", line)
             log.info("%s: best trial %s, %s %.4f at epoch %d (%s)", stage.name, record["trial_id"], METRIC,
-                     record[METRIC], record["epoch"], _describe(record["hyperparameters"]))
+                     record[METRIC], record["epoch"], describe(record["hyperparameters"]))
         records[stage.name] = record
         current = config_from_dict(record["config"], config.source)
         init_weights = store.key_uri(stage_key(sweep_key(sweep_id), stage.name, BEST_WEIGHTS_FILE))

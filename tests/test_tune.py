@@ -24,7 +24,7 @@ import yaml
 
 from mdfer.config import config_from_dict, load_config
 from mdfer.errors import ConfigError
-from mdfer.tune import load_sweep, load_sweeps
+from mdfer.sweep_spaces import load_sweep, load_sweeps
 
 MDFER = [sys.executable, "-m", "mdfer.cli"]
 REPO = Path(__file__).parents[1]
