@@ -93,10 +93,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mdfer.ingest import prepare, summary_lines
+    from mdfer.ingest import dataset_summary_lines, prepare
     from mdfer.storage import Store
     manifest = prepare(_load(args), Store(args.store))
-    for line in summary_lines(manifest):
+    for line in dataset_summary_lines(manifest):
         print(line)
     state = "already complete, nothing written" if manifest["skipped"] else "written"
     print(f"{args.store}/datasets/{manifest['dataset_id']}: {state}")
@@ -200,8 +200,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     from mdfer.evaluate import evaluate_run
     from mdfer.export import export_run
-    from mdfer.export import summary_lines as export_summary
-    from mdfer.ingest import prepare, summary_lines
+    from mdfer.export import export_summary_lines
+    from mdfer.ingest import dataset_summary_lines, prepare
     from mdfer.layout import CURVES_FILE, METRICS_FILE, confusion_file, export_key, run_key
     from mdfer.stages import check_store_shared, ensure_ray, train_run
     from mdfer.storage import Store
@@ -215,7 +215,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.config is None and not args.data_root:
         _synthetic_roots(config, args.data_dir, args.synth_per_class)
     manifest = prepare(config, store)
-    for line in summary_lines(manifest):
+    for line in dataset_summary_lines(manifest):
         print(line)
     identity = yaml.safe_dump(config.identity(), sort_keys=True) + manifest["dataset_id"]
     run_id = args.run_id or f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
@@ -226,20 +226,20 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     _print_headline(result)
     print(f"\nreport: {result['report']}/ ({METRICS_FILE}, {confusion_file('*')}, {CURVES_FILE})")
     print(f"export: {store.key_uri(export_key(run_key(run_id)))}/")
-    for line in export_summary(exported):
+    for line in export_summary_lines(exported):
         print(f"  {line}")
     print(f"\npipeline finished in {time.perf_counter() - started:.0f} s")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mdfer.export import export_run, summary_lines
+    from mdfer.export import export_run, export_summary_lines
     from mdfer.layout import export_key, source_prefix
     from mdfer.storage import Store
     store = Store(args.store)
     prefix = source_prefix(args.run_id, args.sweep_id)
     manifest = export_run(store, prefix, args.require_hef, args.hailo_python)
-    for line in summary_lines(manifest):
+    for line in export_summary_lines(manifest):
         print(line)
     state = "already complete, nothing written" if manifest.get("skipped") else "written"
     print(f"{store.key_uri(export_key(prefix))}: {state}")

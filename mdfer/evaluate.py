@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from mdfer.config import DOMAIN_HEAD, Config, DataConfig, DomainConfig, TrainConfig, validate
 from mdfer.errors import ConfigError, DataError, MdferError
-from mdfer.ingest import load_manifest, prepare, summary_lines
+from mdfer.ingest import dataset_summary_lines, load_manifest, prepare
 from mdfer.layout import (FINAL_WEIGHTS_FILE, FLIP_SUFFIX, HEADS_FILE, METRICS_FILE, RUN_FILE, data_report_name,
                           dataset_key, model_report_key, report_key, run_key, split_report_name)
 from mdfer.metrics import sum_confusions, summarize
@@ -197,7 +197,7 @@ def _score_folders(store: Store, load: Callable[[], tuple[Predict, int]], classe
     report = report_prefix(manifest["dataset_id"]) + (FLIP_SUFFIX if flip else "")
     result.update(**facts, dataset_id=manifest["dataset_id"], data={d.name: d.root for d in domains},
                   split=FOLDER_SPLIT, flip_tta=flip, totals=manifest["totals"], rejected=manifest["rejected"],
-                  summary=summary_lines(manifest), report=store.key_uri(report))
+                  summary=dataset_summary_lines(manifest), report=store.key_uri(report))
     result["heads"] = {name: metrics for name, metrics in result["heads"].items()
                        if metrics["n"] or name == DOMAIN_HEAD}
     write_report(store, report, result, None)

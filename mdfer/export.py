@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -175,97 +176,27 @@ def heads_json(config: Config, preprocessing: str) -> dict:
 
 def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_python: str | None = None) -> dict:
     """Export the model of a finished run or sweep at `prefix`; returns the manifest.
-    An existing manifest means a finished export: it is returned, nothing is rewritten."""
+    An existing manifest means a finished export: it is returned, nothing is rewritten. Every
+    file is made and checked in a temp folder first; the store gets them only when all passed,
+    and the manifest last."""
     manifest_key = export_key(prefix, MANIFEST_FILE)
     if store.exists(manifest_key):
-        existing = store.read_json(manifest_key)
-        if require_hef and existing["hef"] != "compiled":
-            raise MdferError(f"--require-hef: {store.key_uri(manifest_key)} is a finished export without a "
-                             f"HEF ({existing['hef']}); compile its hailo/ bundle: {hailo.compile_command()}")
-        log.info("%s: already exported, nothing written", store.key_uri(export_key(prefix)))
-        return {**existing, "skipped": True}
-    if not store.exists(f"{prefix}/{METRICS_FILE}"):
-        raise MdferError(f"{store.key_uri(prefix)}: no finished run or sweep there (train it first)")
-    compiler = hailo.find_compiler(hailo_python)
-    if require_hef and not compiler.python:
-        raise MdferError(f"--require-hef: {compiler.reason}; install the Hailo Dataflow Compiler "
-                         f"and pass --hailo-python or set {hailo.HAILO_PYTHON_ENV}")
-    # TensorFlow and Ray come in only now: a wrong id or a missing compiler fails fast, on one line
-    from mdfer.evaluate import load_for_eval
-    from mdfer.ingest import load_manifest
-    from mdfer.model import preprocess_constants, without_preprocess
-    from mdfer.stages import check_dataset_matches
-
-    config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/{CONFIG_FILE}")),
-                              store.key_uri(f"{prefix}/{CONFIG_FILE}"))
-    dataset_id = store.read_json(f"{prefix}/{RUN_FILE}")["dataset_id"]
-    dataset = load_manifest(store, dataset_id)
-    check_dataset_matches(config, dataset)
-
+        return _already_exported(store, prefix, require_hef)
+    compiler = _check_exportable(store, prefix, require_hef, hailo_python)
+    config, dataset, model = _load_source(store, prefix)
     started = time.perf_counter()
-    size = config.model.image_size
-    classes = config.classes()
-    model = load_for_eval(config, store.key_uri(f"{prefix}/{FINAL_WEIGHTS_FILE}"))
-    mean, std = preprocess_constants()
     with tempfile.TemporaryDirectory(prefix="mdfer-export-") as tmp:
-        out, work = Path(tmp) / "export", Path(tmp) / "work"
-        (out / HAILO_DIR).mkdir(parents=True)
-        work.mkdir()
-        log.info("export: keras and float32 TFLite (%d px, batch 1)", size)
-        model.save(out / KERAS_FILE)
-        saved = _saved_model(model, size, work / "saved_model")
-        (out / TFLITE_FLOAT32).write_bytes(tflite_bytes(saved))
-        hailo_saved = _saved_model(without_preprocess(model), size, work / "saved_model_hailo")
-        (out / HAILO_TFLITE).write_bytes(tflite_bytes(hailo_saved))
-        ops = hailo.preflight(str(out / HAILO_TFLITE))  # before the slow conversions
-
-        calib = split_images(store, dataset, "train", size, config.export.calib_images)[0].astype(np.float32)
-        log.info("export: optimized and int8 TFLite (%d representative train images)",
-                 min(len(calib), config.export.representative_images))
-        (out / TFLITE_OPTIMIZED).write_bytes(tflite_bytes(saved, "optimized"))
-        (out / TFLITE_INT8).write_bytes(tflite_bytes(saved, "int8", calib[:config.export.representative_images]))
-        log.info("export: ONNX (opset %d)", ONNX_OPSET)
-        onnx_from_tflite(str(out / TFLITE_FLOAT32), str(out / ONNX_FILE))
-
-        np.save(out / HAILO_DIR / HAILO_CALIB_FILE, calib)
-        (out / HAILO_DIR / HAILO_SCRIPT_FILE).write_text(hailo.model_script(mean, std))
-        shutil.copy(hailo.COMPILE_SCRIPT, out / HAILO_DIR / hailo.COMPILE_SCRIPT.name)
-        (out / HEADS_FILE).write_text(json.dumps(heads_json(config, "inside the model"), indent=2))
-        (out / HAILO_DIR / HEADS_FILE).write_text(json.dumps(heads_json(
-            config, f"normalization in {HAILO_SCRIPT_FILE}: "
-                    f"(x - {[round(m, 3) for m in mean]}) / {[round(s, 3) for s in std]}"),
-            indent=2))
-
-        log.info("export: parity on up to %s test images", config.export.parity_images or "all")
-        checks = parity(model, out, *split_images(store, dataset, "test", size, config.export.parity_images), classes)
-        broken = [name for name, entry in checks["formats"].items() if entry.get("ok") is False]
-        if broken:
-            raise MdferError(f"export parity failed for {', '.join(broken)}: max |diff| "
-                             f"{[max(checks['formats'][b]['max_abs_diff'].values()) for b in broken]} "
-                             f"> {FLOAT_TOLERANCE}; nothing was written to the store")
-
-        hef_status = compiler.reason
-        if compiler.python:
-            log.info("export: compiling the HEF with %s", compiler.python)
-            try:
-                hailo.compile_hef(compiler, out / HAILO_DIR)
-                hef_status = "compiled"
-            except MdferError as exc:
-                if require_hef:
-                    raise
-                hef_status = f"not compiled (compiler failed: {exc})"
-        log.info("export: hef %s", hef_status)
-
-        files = {str(path.relative_to(out)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                 for path in sorted(out.rglob("*")) if path.is_file()}
-        for name in files:
-            store.write_bytes(export_key(prefix, name), (out / name).read_bytes())
+        out = Path(tmp) / "export"
+        ops = write_formats(model, config, store, dataset, out, Path(tmp) / "work")
+        checks = _checked_parity(model, out, store, dataset, config)
+        hef_status = _compiled_hef(compiler, out, require_hef)
+        files = _upload(store, prefix, out)
     run = store.read_json(f"{prefix}/{METRICS_FILE}")
     manifest = {
-        "format": MANIFEST_FORMAT, "run_id": run["run_id"], "dataset_id": dataset_id, "source": store.key_uri(prefix),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "image_size": size,
-        "files": files, "parity": checks, "hailo": {"hw_arch": hailo.HW_ARCH, "ops": ops},
-        "hef": hef_status,
+        "format": MANIFEST_FORMAT, "run_id": run["run_id"], "dataset_id": dataset["dataset_id"],
+        "source": store.key_uri(prefix), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "image_size": config.model.image_size, "files": files, "parity": checks,
+        "hailo": {"hw_arch": hailo.HW_ARCH, "ops": ops}, "hef": hef_status,
         "compile_hef": None if hef_status == "compiled" else
         f"in the Hailo DFC environment, in the fetched export folder: {hailo.compile_command()}",
         "seconds": round(time.perf_counter() - started, 1),
@@ -274,7 +205,118 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
     return manifest
 
 
-def summary_lines(manifest: dict) -> list[str]:
+def _already_exported(store: Store, prefix: str, require_hef: bool) -> dict:
+    existing = store.read_json(export_key(prefix, MANIFEST_FILE))
+    if require_hef and existing["hef"] != "compiled":
+        raise MdferError(f"--require-hef: {store.key_uri(export_key(prefix, MANIFEST_FILE))} is a finished "
+                         f"export without a HEF ({existing['hef']}); compile its hailo/ bundle: "
+                         f"{hailo.compile_command()}")
+    log.info("%s: already exported, nothing written", store.key_uri(export_key(prefix)))
+    return {**existing, "skipped": True}
+
+
+def _check_exportable(store: Store, prefix: str, require_hef: bool, hailo_python: str | None) -> hailo.Compiler:
+    """A finished run there, and a compiler when a HEF is required: before TensorFlow starts."""
+    if not store.exists(f"{prefix}/{METRICS_FILE}"):
+        raise MdferError(f"{store.key_uri(prefix)}: no finished run or sweep there (train it first)")
+    compiler = hailo.find_compiler(hailo_python)
+    if require_hef and not compiler.python:
+        raise MdferError(f"--require-hef: {compiler.reason}; install the Hailo Dataflow Compiler "
+                         f"and pass --hailo-python or set {hailo.HAILO_PYTHON_ENV}")
+    return compiler
+
+
+def _load_source(store: Store, prefix: str) -> tuple[Config, dict, Any]:
+    """The run's config, its dataset's manifest and its model (TensorFlow and Ray come in here)."""
+    from mdfer.evaluate import load_for_eval
+    from mdfer.ingest import load_manifest
+    from mdfer.stages import check_dataset_matches
+
+    config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/{CONFIG_FILE}")),
+                              store.key_uri(f"{prefix}/{CONFIG_FILE}"))
+    dataset = load_manifest(store, store.read_json(f"{prefix}/{RUN_FILE}")["dataset_id"])
+    check_dataset_matches(config, dataset)
+    return config, dataset, load_for_eval(config, store.key_uri(f"{prefix}/{FINAL_WEIGHTS_FILE}"))
+
+
+def write_formats(model, config: Config, store: Store, dataset: dict, out: Path, work: Path) -> dict:
+    """Every format into `out`: .keras, float32 / optimized / int8 TFLite, ONNX, heads.json and
+    the Hailo bundle (its TFLite without preprocessing, the normalization script, calib.npy, the
+    compile script). Returns the Hailo op pre-flight."""
+    from mdfer.model import preprocess_constants, without_preprocess
+
+    size = config.model.image_size
+    (out / HAILO_DIR).mkdir(parents=True)
+    work.mkdir()
+    log.info("export: keras and float32 TFLite (%d px, batch 1)", size)
+    model.save(out / KERAS_FILE)
+    saved = _saved_model(model, size, work / "saved_model")
+    (out / TFLITE_FLOAT32).write_bytes(tflite_bytes(saved))
+    hailo_saved = _saved_model(without_preprocess(model), size, work / "saved_model_hailo")
+    (out / HAILO_TFLITE).write_bytes(tflite_bytes(hailo_saved))
+    ops = hailo.preflight(str(out / HAILO_TFLITE))  # before the slow conversions
+
+    calib = split_images(store, dataset, "train", size, config.export.calib_images)[0].astype(np.float32)
+    log.info("export: optimized and int8 TFLite (%d representative train images)",
+             min(len(calib), config.export.representative_images))
+    (out / TFLITE_OPTIMIZED).write_bytes(tflite_bytes(saved, "optimized"))
+    (out / TFLITE_INT8).write_bytes(tflite_bytes(saved, "int8", calib[:config.export.representative_images]))
+    log.info("export: ONNX (opset %d)", ONNX_OPSET)
+    onnx_from_tflite(str(out / TFLITE_FLOAT32), str(out / ONNX_FILE))
+
+    mean, std = preprocess_constants()
+    np.save(out / HAILO_DIR / HAILO_CALIB_FILE, calib)
+    (out / HAILO_DIR / HAILO_SCRIPT_FILE).write_text(hailo.model_script(mean, std))
+    shutil.copy(hailo.COMPILE_SCRIPT, out / HAILO_DIR / hailo.COMPILE_SCRIPT.name)
+    (out / HEADS_FILE).write_text(json.dumps(heads_json(config, "inside the model"), indent=2))
+    (out / HAILO_DIR / HEADS_FILE).write_text(json.dumps(heads_json(
+        config, f"normalization in {HAILO_SCRIPT_FILE}: "
+                f"(x - {[round(m, 3) for m in mean]}) / {[round(s, 3) for s in std]}"),
+        indent=2))
+    return ops
+
+
+def _checked_parity(model, out: Path, store: Store, dataset: dict, config: Config) -> dict:
+    """Every format against Keras on test images; a format off by more than FLOAT_TOLERANCE
+    stops the export before anything reaches the store."""
+    log.info("export: parity on up to %s test images", config.export.parity_images or "all")
+    checks = parity(model, out, *split_images(store, dataset, "test", config.model.image_size,
+                                              config.export.parity_images), config.classes())
+    broken = [name for name, entry in checks["formats"].items() if entry.get("ok") is False]
+    if broken:
+        raise MdferError(f"export parity failed for {', '.join(broken)}: max |diff| "
+                         f"{[max(checks['formats'][b]['max_abs_diff'].values()) for b in broken]} "
+                         f"> {FLOAT_TOLERANCE}; nothing was written to the store")
+    return checks
+
+
+def _compiled_hef(compiler: hailo.Compiler, out: Path, require_hef: bool) -> str:
+    """"compiled", or why not (no compiler; the compiler's failure, fatal with --require-hef)."""
+    if not compiler.python:
+        log.info("export: hef %s", compiler.reason)
+        return compiler.reason
+    log.info("export: compiling the HEF with %s", compiler.python)
+    try:
+        hailo.compile_hef(compiler, out / HAILO_DIR)
+        status = "compiled"
+    except MdferError as exc:
+        if require_hef:
+            raise
+        status = f"not compiled (compiler failed: {exc})"
+    log.info("export: hef %s", status)
+    return status
+
+
+def _upload(store: Store, prefix: str, out: Path) -> dict[str, dict]:
+    """Every file of `out` to `<prefix>/export/`; returns name -> size and sha256."""
+    files = {str(path.relative_to(out)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+             for path in sorted(out.rglob("*")) if path.is_file()}
+    for name in files:
+        store.write_bytes(export_key(prefix, name), (out / name).read_bytes())
+    return files
+
+
+def export_summary_lines(manifest: dict) -> list[str]:
     """What a user reads after an export: files, parity, int8 cost, HEF status."""
     lines = [f"{'file':<42} {'bytes':>11}  sha256"]
     lines += [f"{name:<42} {entry['size']:>11}  {entry['sha256'][:12]}" for name, entry in manifest["files"].items()]

@@ -512,7 +512,7 @@ def load_manifest(store: Store, ds_id: str) -> dict:
     return store.read_json(key)
 
 
-def summary_lines(manifest: dict) -> list[str]:
+def dataset_summary_lines(manifest: dict) -> list[str]:
     """Human-readable counts for the CLI."""
     totals = manifest["totals"]
     lines = [f"dataset {manifest['dataset_id']}: scanned {totals['scanned']} = accepted "

@@ -226,7 +226,7 @@ def test_train_far_blurrier_than_test_is_a_warning_with_figures(tmp_path, caplog
     """The shift that sank the first real run (fer2013-dev's train images are all blurred)."""
     from PIL import ImageFilter
 
-    from mdfer.ingest import summary_lines
+    from mdfer.ingest import dataset_summary_lines
 
     root = tmp_path / "fer"
     synth.write_fer_like(root, train_per_class=10, test_per_class=3, seed=5)
@@ -249,7 +249,7 @@ def test_train_far_blurrier_than_test_is_a_warning_with_figures(tmp_path, caplog
     assert stats["val"]["p50"] < 4 * stats["train"]["p50"]  # carved from train: blurred alike, no warning
     assert f"{stats['test']['p50']}" in warning and "model.inference_lowpass" in warning
     assert warning in caplog.text
-    assert any(line.startswith("  fer2013 median sharpness") for line in summary_lines(blurred))
+    assert any(line.startswith("  fer2013 median sharpness") for line in dataset_summary_lines(blurred))
     caplog.clear()
     with caplog.at_level("WARNING", logger="mdfer.ingest"):
         assert prepare(fer_only(str(root)), store)["skipped"]
