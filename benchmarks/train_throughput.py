@@ -141,8 +141,8 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
 
 def decoded_train_rows(store: Store, manifest: dict, config: Config) -> dict[str, dict[str, np.ndarray]]:
     """Every train image of each dataset decoded once, as the stream decodes it (DecodeBatch,
-    through mdfer.evaluate.iter_split)."""
-    from mdfer.evaluate import iter_split
+    through mdfer.ingest.iter_split)."""
+    from mdfer.ingest import iter_split
     from mdfer.stream import BATCH_KEYS
 
     parts = list(iter_split(store, manifest, "train", config.model.image_size))

@@ -117,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from mdfer.storage import Store
     from mdfer.sweep_spaces import load_sweeps
+    from mdfer.layout import sweep_key
     from mdfer.tune import sweep_dataset, tune_sweep
     config = _load(args)
     load_sweeps(config, args.spaces)  # a bad space fails here, before any data or cluster work
@@ -124,7 +125,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     dataset_id = sweep_dataset(config, store, args.sweep_id, args.dataset_id)
     summary = tune_sweep(config, store, args.sweep_id, dataset_id, args.spaces, args.address)
     print(json.dumps({k: summary[k] for k in ("run_id", "dataset_id", "final_stage", "val_macro_f1")}, indent=2))
-    print(f"sweep: {store.key_uri(f'sweeps/{args.sweep_id}')}/ (export it with: mdfer export --sweep-id {args.sweep_id})")
+    print(f"sweep: {store.key_uri(sweep_key(args.sweep_id))}/ (export it with: mdfer export --sweep-id {args.sweep_id})")
     return 0
 
 

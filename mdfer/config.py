@@ -446,6 +446,7 @@ def validate(config: Config) -> None:
     need(train.gpus_per_worker >= 0, "train.gpus_per_worker", "must be >= 0")
     need(0 <= train.label_smoothing < 1, "train.label_smoothing", "must be within [0, 1)")
     need(train.max_failures >= 0, "train.max_failures", "must be >= 0")
+    need(train.seed >= 0, "train.seed", "must be >= 0")
     need(train.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy",
          f"{train.placement_strategy!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}")
     need(train.optimizer in OPTIMIZERS, "train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")

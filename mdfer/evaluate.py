@@ -13,49 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from mdfer.config import DOMAIN_HEAD, Config, DataConfig, DomainConfig, TrainConfig, validate
 from mdfer.errors import ConfigError, DataError, MdferError
-from mdfer.ingest import dataset_summary_lines, load_manifest, prepare
+from mdfer.ingest import dataset_summary_lines, iter_split, load_manifest, prepare
 from mdfer.layout import (FINAL_WEIGHTS_FILE, FLIP_SUFFIX, HEADS_FILE, METRICS_FILE, RUN_FILE, data_report_name,
-                          dataset_key, model_report_key, report_key, run_key, split_report_name)
+                          model_report_key, report_key, run_key, split_report_name)
 from mdfer.metrics import sum_confusions, summarize
-from mdfer.storage import Store, local_copy, resolve, storage_error
-from mdfer.images import EVAL_BATCH, DecodeBatch
+from mdfer.runs import check_dataset_matches, run_config
+from mdfer.storage import Store, resolve, storage_error
 
 FOLDER_SPLIT = "test"  # class folders given to evaluate become a dataset of this one split
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
-
-
-def iter_split(store: Store, manifest: dict, split: str, image_size: int,
-               batch_size: int = EVAL_BATCH, rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded batches of one split, shard by shard, in the order they were written.
-    `rows`: only these sorted row numbers of the split (counted over its shards in order), and
-    only they are decoded."""
-    if split not in manifest["shards"]:
-        raise MdferError(f"dataset {manifest['dataset_id']} has no split {split!r} "
-                         f"(it has {', '.join(manifest['shards'])})")
-    decode = DecodeBatch(image_size)
-    offset = 0
-    for shard in manifest["shards"][split]:
-        table = pq.read_table(io.BytesIO(store.read_bytes(dataset_key(manifest["dataset_id"], shard["file"]))),
-                              columns=["image", "domain_index", "label"])
-        if rows is not None:
-            local = rows[(rows >= offset) & (rows < offset + table.num_rows)] - offset
-            offset += table.num_rows
-            table = table.take(local)
-        for start in range(0, table.num_rows, batch_size):
-            chunk = table.slice(start, batch_size)
-            yield decode({name: chunk.column(name).to_numpy(zero_copy_only=False)
-                          for name in ("image", "domain_index", "label")})
 
 
 def keras_predict(model) -> Predict:
@@ -90,15 +64,6 @@ def evaluate_model(predict: Predict, store: Store, manifest: dict, split: str, c
     return summarize(totals, classes)
 
 
-def load_for_eval(config: Config, weights_uri: str):
-    """Build the configured model and load weights (a .weights.h5 or .keras, local or s3://)."""
-    from mdfer.model import load_weights_file, model_from_config
-    model = model_from_config(config)
-    with tempfile.TemporaryDirectory() as folder:
-        load_weights_file(model, local_copy(weights_uri, folder))
-    return model
-
-
 def _require_run(store: Store, run_id: str, weights: str | None) -> bool:
     """Whether the run is finished; an error unless it is, or was started and `weights` name a
     checkpoint of it."""
@@ -116,8 +81,8 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     weights), and write the report beside the run. `inference_lowpass` other than the run's
     own: what that blur would do to a run already trained (a shift found afterwards); its
     report goes to report/<split>-lowpass<w>/, beside the run's own."""
+    from mdfer.model import model_with_weights  # TensorFlow: only once the run is known
     from mdfer.report import write_report
-    from mdfer.stages import check_dataset_matches, run_config
     finished = _require_run(store, run_id, weights)
     config = run_config(store, run_id)
     report = report_key(run_id, split_report_name(split))
@@ -133,7 +98,7 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
     manifest = load_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     weights = weights or store.key_uri(run_key(run_id, FINAL_WEIGHTS_FILE))
-    model = load_for_eval(config, weights)
+    model = model_with_weights(config, weights)
     classes = config.classes()
     result = evaluate_model(keras_predict(model), store, manifest, split, classes, config.model.image_size, flip)
     result.update(run_id=run_id, dataset_id=dataset_id, split=split, weights=weights, flip_tta=flip,
@@ -208,14 +173,14 @@ def evaluate_run_on_folders(store: Store, run_id: str, data: dict[str, str], wei
                             flip: bool = False) -> dict:
     """A finished run's final weights on class folders: each dataset name is one of the run's,
     its folders mapped through the run config's folder map for it."""
-    from mdfer.stages import run_config
+    from mdfer.model import model_with_weights
     _require_run(store, run_id, weights)
     config = run_config(store, run_id)
     classes = config.classes()
     domains = [_folder_domain(name, path, classes, {d.name: d.folders for d in config.data.domains})
                for name, path in data.items()]
     weights = weights or store.key_uri(run_key(run_id, FINAL_WEIGHTS_FILE))
-    return _score_folders(store, lambda: (keras_predict(load_for_eval(config, weights)), config.model.image_size),
+    return _score_folders(store, lambda: (keras_predict(model_with_weights(config, weights)), config.model.image_size),
                           classes, domains, config.data, flip,
                           lambda ds: report_key(run_id, data_report_name(ds)), run_id=run_id, weights=weights)
 

@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mdfer import hailo
 from mdfer.artifacts import MANIFEST_FORMAT, sha256_file
-from mdfer.config import Config, config_from_dict
+from mdfer.config import Config
 from mdfer.errors import MdferError
-from mdfer.layout import (CONFIG_FILE, FINAL_WEIGHTS_FILE, HAILO_CALIB_FILE, HAILO_DIR, HAILO_SCRIPT_FILE, HAILO_TFLITE,
+from mdfer.layout import (FINAL_WEIGHTS_FILE, HAILO_CALIB_FILE, HAILO_DIR, HAILO_SCRIPT_FILE, HAILO_TFLITE,
                           HEADS_FILE, KERAS_FILE, MANIFEST_FILE, METRICS_FILE, ONNX_FILE, RUN_FILE, TFLITE_FLOAT32,
                           TFLITE_INT8, TFLITE_OPTIMIZED, export_key)
 from mdfer.predict import TFLITE_SIGNATURE, OnnxRunner, TFLiteRunner
+from mdfer.runs import check_dataset_matches, read_run_config
 from mdfer.storage import Store
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def split_images(store: Store, manifest: dict, split: str, size: int, limit: int
     """Up to `limit` (0: all) decoded images of a split with their domain and label, spread
     evenly over the split: shards are written dataset by dataset and class by class, so the
     first rows would be one or two classes (and a misleading macro-F1)."""
-    from mdfer.evaluate import iter_split
+    from mdfer.ingest import iter_split
     total = sum(s["rows"] for s in manifest["shards"].get(split, []))
     rows = np.linspace(0, total - 1, limit).round().astype(int) if 0 < limit < total else None
     parts = list(iter_split(store, manifest, split, size, rows=rows))
@@ -183,8 +183,8 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
     if store.exists(manifest_key):
         return _already_exported(store, prefix, require_hef)
     compiler = _check_exportable(store, prefix, require_hef, hailo_python)
-    config, dataset, model = _load_source(store, prefix)
     started = time.perf_counter()
+    config, dataset, model = _load_source(store, prefix)
     with tempfile.TemporaryDirectory(prefix="mdfer-export-") as tmp:
         out = Path(tmp) / "export"
         ops = write_formats(model, config, store, dataset, out, Path(tmp) / "work")
@@ -228,15 +228,13 @@ def _check_exportable(store: Store, prefix: str, require_hef: bool, hailo_python
 
 def _load_source(store: Store, prefix: str) -> tuple[Config, dict, Any]:
     """The run's config, its dataset's manifest and its model (TensorFlow and Ray come in here)."""
-    from mdfer.evaluate import load_for_eval
     from mdfer.ingest import load_manifest
-    from mdfer.stages import check_dataset_matches
+    from mdfer.model import model_with_weights
 
-    config = config_from_dict(yaml.safe_load(store.read_bytes(f"{prefix}/{CONFIG_FILE}")),
-                              store.key_uri(f"{prefix}/{CONFIG_FILE}"))
+    config = read_run_config(store, prefix)
     dataset = load_manifest(store, store.read_json(f"{prefix}/{RUN_FILE}")["dataset_id"])
     check_dataset_matches(config, dataset)
-    return config, dataset, load_for_eval(config, store.key_uri(f"{prefix}/{FINAL_WEIGHTS_FILE}"))
+    return config, dataset, model_with_weights(config, store.key_uri(f"{prefix}/{FINAL_WEIGHTS_FILE}"))
 
 
 def write_formats(model, config: Config, store: Store, dataset: dict, out: Path, work: Path) -> dict:

@@ -18,6 +18,7 @@ import posixpath
 import stat
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,8 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 import mdfer
 from mdfer.config import GIVEN_SPLIT_NAMES, WHOLE_DATASET, Config, DomainConfig, require_roots
-from mdfer.errors import DataError
-from mdfer.images import to_rgb8
+from mdfer.errors import DataError, MdferError
+from mdfer.images import EVAL_BATCH, DecodeBatch, to_rgb8
 from mdfer.layout import MANIFEST_FILE, SHARDS_DIR, dataset_key, shard_file
 from mdfer.logs import Progress, redact
 from mdfer.storage import Store, resolve, storage_error
@@ -529,3 +530,25 @@ def dataset_summary_lines(manifest: dict) -> list[str]:
         lines.append(f"  rejected {n}: {reason}")
     return lines
 
+
+def iter_split(store: Store, manifest: dict, split: str, image_size: int,
+               batch_size: int = EVAL_BATCH, rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded batches of one split, shard by shard, in the order they were written.
+    `rows`: only these sorted row numbers of the split (counted over its shards in order), and
+    only they are decoded."""
+    if split not in manifest["shards"]:
+        raise MdferError(f"dataset {manifest['dataset_id']} has no split {split!r} "
+                         f"(it has {', '.join(manifest['shards'])})")
+    decode = DecodeBatch(image_size)
+    offset = 0
+    for shard in manifest["shards"][split]:
+        table = pq.read_table(io.BytesIO(store.read_bytes(dataset_key(manifest["dataset_id"], shard["file"]))),
+                              columns=["image", "domain_index", "label"])
+        if rows is not None:
+            local = rows[(rows >= offset) & (rows < offset + table.num_rows)] - offset
+            offset += table.num_rows
+            table = table.take(local)
+        for start in range(0, table.num_rows, batch_size):
+            chunk = table.slice(start, batch_size)
+            yield decode({name: chunk.column(name).to_numpy(zero_copy_only=False)
+                          for name in ("image", "domain_index", "label")})

@@ -266,3 +266,15 @@ def without_preprocess(model: keras.Model) -> keras.Model:
     x = model.get_layer(HEAD_DROPOUT)(x)
     outputs = {name: model.get_layer(name)(x) for name in model.output_names}
     return keras.Model(inputs, outputs, name=f"{model.name}_no_preprocess")
+
+
+def model_with_weights(config: Config, weights_uri: str) -> keras.Model:
+    """The configured model (for inference) with weights loaded (a .weights.h5 or .keras, local
+    or s3://): what evaluate and export score and convert."""
+    import tempfile
+
+    from mdfer.storage import local_copy
+    model = model_from_config(config)
+    with tempfile.TemporaryDirectory() as folder:
+        load_weights_file(model, local_copy(weights_uri, folder))
+    return model

@@ -8,21 +8,20 @@ from __future__ import annotations
 import logging
 import json
 import os
-import re
 import socket
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 
-from mdfer.config import Config, config_from_dict
+from mdfer.config import Config
 from mdfer.console import WorkerConsole
-from mdfer.errors import MdferError
+from mdfer.errors import MdferError, root_cause
 from mdfer.ingest import load_manifest
-from mdfer.layout import (BEST_WEIGHTS_FILE, CONFIG_FILE, FINAL_WEIGHTS_FILE, METRICS_FILE, RUN_FILE,
-                          STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR, run_key, stage_key)
+from mdfer.layout import (BEST_WEIGHTS_FILE, METRICS_FILE, STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR,
+                          run_key, stage_key)
+from mdfer.runs import check_dataset_matches, seal_run, start_run
 from mdfer.storage import Store, file_exists
 from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
 from mdfer.train_loop import STATE_FILE, VAL_DATASET, WEIGHTS_FILE, train_stage
@@ -77,18 +76,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def check_dataset_matches(config: Config, manifest: dict) -> None:
-    """The model's heads come from the config; the shards must hold the same datasets and classes."""
-    for domain in config.data.domains:
-        found = manifest["domains"].get(domain.name)
-        if found is None:
-            raise MdferError(f"dataset {manifest['dataset_id']} has no {domain.name!r} "
-                             f"(it holds {', '.join(manifest['domains'])}); prepare it with this config")
-        if found["classes"] != domain.classes:
-            raise MdferError(f"dataset {manifest['dataset_id']}: classes of {domain.name!r} differ "
-                             f"from {config.source}: {found['classes']} vs {domain.classes}")
-
-
 def class_weights(config: Config, manifest: dict) -> dict[str, list[float]]:
     """Inverse-frequency weights over the train split, mean 1 per dataset (rare classes count more)."""
     if not config.train.class_weighting:
@@ -99,33 +86,6 @@ def class_weights(config: Config, manifest: dict) -> dict[str, list[float]]:
         inverse = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0)
         weights[name] = (inverse / inverse[counts > 0].mean()).tolist()
     return weights
-
-
-def run_config(store: Store, run_id: str) -> Config:
-    """The config a run was started with (what its weights were trained for)."""
-    key = run_key(run_id, CONFIG_FILE)
-    return config_from_dict(yaml.safe_load(store.read_bytes(key)), store.key_uri(key))
-
-
-def _start_run(config: Config, store: Store, run_id: str, dataset_id: str) -> None:
-    """Record what the run is; refuse to continue a run id under a different config or dataset.
-    Data roots may differ (a local copy vs s3://): they do not change what is trained."""
-    key = run_key(run_id, CONFIG_FILE)
-    if store.exists(key):
-        run = store.read_json(run_key(run_id, RUN_FILE))
-        if run_config(store, run_id).identity() != config.identity() or run["dataset_id"] != dataset_id:
-            raise MdferError(f"{store.key_uri(run_key(run_id))}: this run id was started with a "
-                             f"different config or dataset ({run['dataset_id']}); use a new --run-id")
-        return
-    write_run_record(store, run_key(run_id), config, run_id, dataset_id)
-
-
-def write_run_record(store: Store, prefix: str, config: Config, run_id: str, dataset_id: str) -> None:
-    """run.json and config.yaml under `prefix`: what `evaluate` and `export` read about a run
-    (or about a finished sweep, which looks like a run to them)."""
-    store.write_json(f"{prefix}/{RUN_FILE}", {"run_id": run_id, "dataset_id": dataset_id,
-                                               "config_source": config.source})
-    store.write_bytes(f"{prefix}/{CONFIG_FILE}", yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
 
 
 def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
@@ -177,15 +137,6 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     if result.error:
         raise MdferError(f"{stage.name}: training failed: {root_cause(result.error)}")
     return result
-
-
-def root_cause(exc: BaseException) -> str:
-    """The last `SomeError: message` line of a (remote) traceback, without Ray's log prefixes."""
-    lines = [re.sub(r"^(\x1b\[[0-9;]*m)?\([^)]*\)(\x1b\[[0-9;]*m)?\s*", "", line).strip()
-             for line in str(exc).splitlines()]
-    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*", line)
-              and not line.startswith(("ray.train.", "ray.exceptions."))]
-    return causes[-1] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def check_store_shared(store: Store) -> None:
@@ -251,7 +202,7 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
     A finished run (metrics.json present) is left exactly as it is."""
     manifest = load_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
-    _start_run(config, store, run_id, dataset_id)
+    start_run(config, store, run_id, dataset_id)
     stages = {}
     init_weights_uri = None
     for index, stage in enumerate(config.train.stages):
@@ -275,19 +226,6 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
     if store.exists(run_key(run_id, METRICS_FILE)):
         return store.read_json(run_key(run_id, METRICS_FILE))
     return seal_run(store, run_key(run_id), run_id, dataset_id, stages)
-
-
-def seal_run(store: Store, prefix: str, run_id: str, dataset_id: str, stages: dict[str, dict]) -> dict:
-    """The last stage's best weights as the run's model, then metrics.json, written last: it
-    marks the run (or sweep) under `prefix` finished. `stages`: name -> {"best", "history", ...}
-    in stage order, each stage's best weights already at `<prefix>/<stage>/best.weights.h5`."""
-    last = list(stages)[-1]
-    store.write_bytes(f"{prefix}/{FINAL_WEIGHTS_FILE}", store.read_bytes(stage_key(prefix, last, BEST_WEIGHTS_FILE)))
-    summary = {"run_id": run_id, "dataset_id": dataset_id, "final_stage": last,
-               "val_macro_f1": stages[last]["best"]["val_macro_f1"],
-               "stages": {name: {"best": s["best"], "history": s["history"]} for name, s in stages.items()}}
-    store.write_json(f"{prefix}/{METRICS_FILE}", summary)
-    return summary
 
 
 def initial_weights(config: Config) -> str | None:

@@ -154,9 +154,12 @@ def _decoded(store: Store, paths: list[str], size: int) -> ray.data.Dataset:
 def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan,
                    stage_index: int = 0) -> dict[str, ray.data.Dataset]:
     """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long:
-    passes over the decoded images, each in its own block order with its own augmentation, cut
-    to length. Block order and augmentation follow `train.seed`, the stage and the epoch (Ray
-    Data's execution index), so the same config and seed give the same batches again."""
+    whole passes over the decoded images and, last, the part of one more pass that the epoch
+    needs, each pass in its own block order with its own augmentation (Ray Data's union takes a
+    block from each pass in turn). Block order and augmentation follow `train.seed`, the stage and
+    the epoch (Ray Data's execution index), so the same config and seed give the same batches
+    again. The index counts the executions of this stage's datasets: a stage resumed after a
+    failure starts it again, and its later epochs draw what its first ones drew."""
     configure_data_context()
     sizes = _split_sizes(manifest, "train")
     datasets = {}
@@ -167,9 +170,10 @@ def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan
         for copy in range(math.ceil(needed / sizes[domain])):
             seed = [config.train.seed, stage_index, domain_index, copy]
             passes.append(base.randomize_block_order(seed=RandomSeedConfig(seed=int_seed(seed)))
+                          .limit(min(sizes[domain], needed - copy * sizes[domain]))
                           .map_batches(AugmentBatch(config.stream.augment, seed), batch_size=DECODE_BATCH,
                                        num_cpus=DATA_TASK_CPUS))
-        datasets[TRAIN_PREFIX + domain] = passes[0].union(*passes[1:]).limit(needed)
+        datasets[TRAIN_PREFIX + domain] = passes[0].union(*passes[1:]).limit(needed)  # limit: a guard
     return datasets
 
 

@@ -13,11 +13,10 @@ import yaml
 from ray import tune
 
 from mdfer.config import Config
-from mdfer.errors import MdferError
+from mdfer.errors import MdferError, root_cause
 from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRIC_PLOT_FILE, TRIALS_CSV, TRIALS_PARQUET,
                           TUNE_DIR, stage_key, sweep_key)
 from mdfer.logs import redact
-from mdfer.stages import root_cause
 from mdfer.storage import Store
 from mdfer.sweep_spaces import INIT_KEY, METRIC, StageSweep, with_hparams
 from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE

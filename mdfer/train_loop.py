@@ -288,27 +288,29 @@ def train_stage(loop_config: dict) -> None:
     train_shards = {TRAIN_PREFIX + d: ray.train.get_dataset_shard(TRAIN_PREFIX + d) for d in plan.domains}
     val_shard = ray.train.get_dataset_shard(VAL_DATASET)
     reported = False
-    for epoch in range(state["epoch"] + 1, stage.epochs + 1):
-        if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
-            console.line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
-            break
-        label = f"{stage.name} epoch {epoch}/{stage.epochs}"
-        batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer,
-                                     int_seed([config.train.seed, stage_index, epoch, rank]))
-        trained = train_epoch(parts, stage, epoch, batches, plan, lambda steps, seconds: console.progress(
-            label, steps, plan.steps_per_epoch, plan.global_batch_size, seconds))
-        evaluation = evaluate_shard(parts.predict_step,
-                                    val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
-                                    config.classes(), rank, world, parts.strategy)
-        metrics = {**_flat_metrics(stage.name, epoch, evaluation), **trained}
-        update_state(state, metrics)
-        console.line(epoch_line(stage.name, epoch, stage.epochs, metrics, evaluation, trained["data_wait_seconds"]))
+    try:
+        for epoch in range(state["epoch"] + 1, stage.epochs + 1):
+            if state["since_best"] >= stage.patience:  # also right after a restart: no extra epoch
+                console.line(f"{stage.name}: early stop, no better val_macro_f1 for {stage.patience} epoch(s)")
+                break
+            label = f"{stage.name} epoch {epoch}/{stage.epochs}"
+            batches = iter_train_batches(train_shards, plan, config.stream.shuffle_buffer,
+                                         int_seed([config.train.seed, stage_index, epoch, rank]))
+            trained = train_epoch(parts, stage, epoch, batches, plan, lambda steps, seconds: console.progress(
+                label, steps, plan.steps_per_epoch, plan.global_batch_size, seconds))
+            evaluation = evaluate_shard(parts.predict_step,
+                                        val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"),
+                                        config.classes(), rank, world, parts.strategy)
+            metrics = {**_flat_metrics(stage.name, epoch, evaluation), **trained}
+            update_state(state, metrics)
+            console.line(epoch_line(stage.name, epoch, stage.epochs, metrics, evaluation, trained["data_wait_seconds"]))
+            if board:
+                board.write(epoch, metrics)
+            report_epoch(parts, metrics, evaluation, rank)
+            reported = True
+    finally:
         if board:
-            board.write(epoch, metrics)
-        report_epoch(parts, metrics, evaluation, rank)
-        reported = True
-    if board:
-        board.close()
+            board.close()  # its local folder goes; the event files are in the store
     if checkpoint and not reported and state["history"]:
         # Resumed after the stage's last epoch (or its early stop): report that epoch again, so
         # whoever drives this run (a restored Tune trial) gets its result and checkpoint.

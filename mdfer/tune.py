@@ -25,8 +25,8 @@ from mdfer.ingest import load_manifest
 from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRICS_FILE, SWEEP_FILE, TRIALS_CSV, TUNE_DIR,
                           stage_key, sweep_key, trial_key)
 from mdfer.logs import VERBOSE, verbosity
-from mdfer.stages import (check_cpus_left_for_data, check_dataset_matches, check_store_shared, ensure_ray,
-                          fit_stage, initial_weights, seal_run, write_run_record)
+from mdfer.runs import check_dataset_matches, seal_run, write_run_record
+from mdfer.stages import check_cpus_left_for_data, check_store_shared, ensure_ray, fit_stage, initial_weights
 from mdfer.storage import Store
 from mdfer.sweep_results import seal_stage_sweep, trial_table
 from mdfer.sweep_spaces import (INIT_KEY, METRIC, Distribution, SchedulerSpec, SearchSpec, StageSweep, describe,

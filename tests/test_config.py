@@ -29,6 +29,7 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["model"].update(image_size=16), "model.image_size", "below 32"),
     (lambda c: c["model"].update(image_size="big"), "model.image_size", "expected int"),
     (lambda c: c["train"].update(workers=2.5), "train.workers", "expected int"),
+    (lambda c: c["train"].update(seed=-1), "train.seed", "must be >= 0"),
     (lambda c: c["stream"].update(batch_size=31), "stream.batch_size", "divide evenly"),
     (lambda c: c["data"]["domains"][0].pop("classes"), "data.domains[0].classes", "required key is missing"),
     (lambda c: c["data"]["domains"][1]["folders"].update(shy="bashful"), "data.domains[1].folders.shy", "maps to 'bashful'"),

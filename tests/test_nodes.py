@@ -1,5 +1,5 @@
-"""A Ray cluster of two nodes on this machine: a head and a second `ray start --address`, each
-with its own ports and temp dir, both on 127.0.0.1, token authentication on.
+"""A Ray cluster of two nodes on this machine: a head on 127.0.0.1 and a second `ray start
+--address` on 127.0.0.2, each with its own ports and temp dir, token authentication on.
 
 Workers of a multi-node cluster write checkpoints from whichever node they run on: a
 local-folder store (seen by one node) is refused before any work; with the store on S3, a stage
