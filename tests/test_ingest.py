@@ -151,12 +151,17 @@ def test_source_on_s3_gives_the_same_dataset(tmp_path, s3_env, s3_prefix):
     assert s3_manifest["totals"]["accepted"] == 7 * 6
 
 
-def test_rerun_does_no_work_and_same_input_same_bytes(tmp_path):
+def _prepared_fer(tmp_path: Path, per_class: int, seed: int) -> tuple[Path, Store, dict, str]:
+    """Generated FER-like faces prepared into a local store: (root, store, manifest, dataset key)."""
     root = tmp_path / "fer"
-    synth.write_fer_like(root, train_per_class=8, test_per_class=2, seed=1)
+    synth.write_fer_like(root, train_per_class=per_class, test_per_class=2, seed=seed)
     store = Store(str(tmp_path / "store"))
-    first = prepare(fer_only(str(root)), store)
-    prefix = dataset_key(first["dataset_id"])
+    manifest = prepare(fer_only(str(root)), store)
+    return root, store, manifest, dataset_key(manifest["dataset_id"])
+
+
+def test_rerun_does_no_work_and_same_input_same_bytes(tmp_path):
+    root, store, first, prefix = _prepared_fer(tmp_path, per_class=8, seed=1)
     stamps = {k: Path(store.path(k)).stat().st_mtime_ns for k in store.list_files(prefix)}
     second = prepare(fer_only(str(root)), store)
     assert second["skipped"] and second["dataset_id"] == first["dataset_id"]
@@ -172,11 +177,7 @@ def test_rerun_does_no_work_and_same_input_same_bytes(tmp_path):
 
 
 def test_interrupted_write_is_redone_not_trusted(tmp_path):
-    root = tmp_path / "fer"
-    synth.write_fer_like(root, train_per_class=4, test_per_class=2, seed=2)
-    store = Store(str(tmp_path / "store"))
-    manifest = prepare(fer_only(str(root)), store)
-    prefix = dataset_key(manifest["dataset_id"])
+    root, store, manifest, prefix = _prepared_fer(tmp_path, per_class=4, seed=2)
     good = {k: store.read_bytes(k) for k in store.list_files(prefix)}
     # simulate a crash: manifest gone, a half-written shard and a stray one left behind
     Path(store.path(f"{prefix}/manifest.json")).unlink()
