@@ -43,7 +43,9 @@ def test_every_format_is_written_with_checksums_and_parity(exported):
     float32, int8 = parity["formats"][TFLITE_FLOAT32], parity["formats"][TFLITE_INT8]
     assert parity["int8_vs_float32"]["macro_f1_drop"] == pytest.approx(float32["macro_f1"] - int8["macro_f1"])
     assert float32["macro_f1"] == pytest.approx(parity["keras"]["macro_f1"])  # same predictions
-    assert int8["macro_f1"] > 0.2, int8  # still a trained model (chance ~0.13)
+    # quantization keeps the trained model: above chance (~0.13 for a uniform guess) and within
+    # 0.1 of the float32 model (how well this short run learns at all is test_train's bar)
+    assert int8["macro_f1"] > 0.15 and float32["macro_f1"] - int8["macro_f1"] < 0.1, (int8, float32)
     # smaller variants are smaller
     sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
     assert sizes[TFLITE_INT8] < 0.35 * sizes[TFLITE_FLOAT32] and sizes[TFLITE_OPTIMIZED] < 0.35 * sizes[TFLITE_FLOAT32]
