@@ -200,11 +200,12 @@ def listening_sockets(pid: int) -> list[tuple[str, int]]:
 
     try:
         held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        tables = [Path(f"/proc/{pid}/net/{table}").read_text() for table in ("tcp", "tcp6")]
     except OSError:  # the process ended
         return []
     found = []
-    for table in ("tcp", "tcp6"):
-        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+    for table in tables:
+        for row in table.splitlines()[1:]:
             fields = row.split()
             if fields[3] != "0A" or f"socket:[{fields[9]}]" not in held:  # 0A: LISTEN
                 continue

@@ -200,6 +200,8 @@ def test_sweep_interrupted_resumes_and_chains_best_checkpoints(sweep_setup):
     first.process.send_signal(signal.SIGINT)
     assert first.finish(300) == 130, first.text[-4000:]
     assert "sweep interrupted with 1 of 2 trial(s) unfinished" in first.text
+    # --verbose gives back what the console leaves out by default: every worker's own output
+    assert "(RayTrainWorker pid=" in first.text and "Execution plan of Dataset" in first.text
     done_trial = re.search(r"stage2 trial (\S+) finished", first.text).group(1)
     done_files = store.list_files(f"sweeps/sw/stage2/trials/{done_trial}")
     assert not store.exists("sweeps/sw/stage2/best.yaml")
