@@ -27,33 +27,10 @@ from s3server import AWS_ENV_TO_UNSET, S3Server  # noqa: E402
 SLOW_FIXTURES = {"trained_run", "exported", "sweep_setup", "two_nodes", "ray_head"}
 
 
-# The suite runs in two pytest-xdist processes (`-n 2 --dist loadgroup`, pyproject.toml); the
-# tests that share one of these fixtures run in one process, so its work is done once. Each
-# group starts at most one Ray cluster at a time; the largest group is handed out first.
-XDIST_GROUPS = {"trained_run": "trained-run", "sweep_setup": "sweep", "ray_head": "ray-nodes",
-                "two_nodes": "ray-nodes", "ray_session": "ray-session", "small": "small-runs"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups off the items
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SLOW_FIXTURES & fixtures:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        groups = {group for fixture, group in XDIST_GROUPS.items() if fixture in fixtures}
-        assert len(groups) <= 1, f"{item.nodeid} is in two xdist groups: {groups}"
-        if groups:
-            item.add_marker(pytest.mark.xdist_group(groups.pop()))
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """xdist groups by a `@group` suffix it adds to each grouped test's node id; pytest 9.2 ignores
-    that suffix (pytest-dev/pytest-xdist#1386: no error, the shared work is then done twice), hence
-    the pin in pyproject.toml and this check."""
-    if getattr(session.config.option, "loadgroup", False):
-        lost = [item.nodeid for item in session.items
-                if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
-        assert not lost, f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more)"
 
 
 # --- log files ---------------------------------------------------------------
@@ -207,4 +184,3 @@ def exported(trained_run: dict) -> dict:
     assert done.returncode == 0, done.stderr[-4000:]
     folder = Path(store.path("runs/learn/export"))
     return {**trained_run, "done": done, "folder": folder, "manifest": json.loads((folder / "manifest.json").read_text())}
-
