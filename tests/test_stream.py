@@ -132,6 +132,10 @@ def test_eval_stream_is_deterministic_and_complete(synth_dataset, ray_session):
     key = lambda r: (int(r["domain"]), int(r["label"]), r["image"].tobytes())  # noqa: E731
     assert sorted(map(key, first)) == sorted(map(key, second))
     assert first[0]["image"].shape == (32, 32, 3)
+    # reading the shards starts no actor processes of its own (Ray Data's newer Parquet reader
+    # started a pool of FooterReader actors on every read: seconds per stage on 2 cores)
+    from ray.util.state import list_actors
+    assert list_actors(filters=[("class_name", "=", "FooterReader")], raise_on_missing_output=False) == []
 
 
 class _MarkSteps(ExecutionCallback):
