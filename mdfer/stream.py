@@ -176,7 +176,10 @@ def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan
                           .limit(min(sizes[domain], needed - copy * sizes[domain]))
                           .map_batches(AugmentBatch(config.stream.augment, seed), batch_size=DECODE_BATCH,
                                        num_cpus=DATA_TASK_CPUS))
-        datasets[TRAIN_PREFIX + domain] = passes[0].union(*passes[1:]).limit(needed)  # limit: a guard
+        # a single pass (the epoch takes the dataset exactly once) must not be a union: Ray Data
+        # plans a union of one input as an error when the epoch starts
+        joined = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
+        datasets[TRAIN_PREFIX + domain] = joined.limit(needed)  # limit: a guard
     return datasets
 
 

@@ -89,6 +89,25 @@ def test_two_workers_get_equal_steps_with_every_dataset_in_every_batch(synth_dat
     assert set(datasets) == {TRAIN_PREFIX + "fer2013", TRAIN_PREFIX + "fane"}
 
 
+def test_an_epoch_that_takes_a_dataset_exactly_once_streams(synth_dataset, ray_session):
+    """The demo pipeline's case: a dataset whose rows fill its share of the epoch exactly (one
+    pass, no re-drawn part) streams through Ray Train's split like the others."""
+    config, store, manifest = (synth_dataset[k] for k in ("config", "store", "manifest"))
+    config = copy.deepcopy(config)
+    config.model.image_size = 32
+    sizes = {d: sum(manifest["counts"][d]["train"].values()) for d in ("fer2013", "fane")}
+    plan = EpochPlan(("fer2013", "fane"), {"fer2013": 1, "fane": 1}, sizes["fer2013"], 1)
+    assert plan.rows_per_epoch("fer2013") == sizes["fer2013"] and plan.rows_per_epoch("fane") != sizes["fane"]
+    shards = {name: ds.streaming_split(1, equal=True)[0]
+              for name, ds in train_datasets(store, manifest, config, plan).items()}
+    batches = list(iter_train_batches(shards, plan))
+    assert len(batches) == plan.steps_per_epoch
+    fer_labels = np.concatenate([b["label"][b["domain"] == 0] for b in batches])
+    classes = config.data.domains[0].classes
+    assert np.bincount(fer_labels, minlength=len(classes)).tolist() == \
+        [manifest["counts"]["fer2013"]["train"][c] for c in classes]  # every image once
+
+
 def _epochs_of_batches(store, manifest, config, epochs: int = 2, shuffle_buffer: int = 64) -> list[str]:
     """A one-worker stage's stream as Ray Train feeds it (streaming_split, one execution per
     epoch): a digest of every epoch's batches, pixels and labels in order."""
