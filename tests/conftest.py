@@ -25,12 +25,61 @@ from s3server import AWS_ENV_TO_UNSET, S3Server  # noqa: E402
 # Fixtures that train with Ray or start a Ray cluster (minutes each); a test using one is
 # marked `slow`, so `pytest -m "not slow"` gives the quick rest for everyday work.
 SLOW_FIXTURES = {"trained_run", "exported", "sweep_setup", "two_nodes", "ray_head"}
+# The session's one training (`trained_run`) and the modules that read it run in one
+# pytest-xdist worker (session fixtures are per worker); every other module is a unit of its
+# own, so that a module's cluster starts once.
+LEARN_FIXTURES = {"learnable", "trained_run", "exported"}
+LEARN_MODULES = ("tests/test_train.py", "tests/test_export.py", "tests/test_evaluate.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if LEARN_FIXTURES & fixtures and item.nodeid.split("::")[0] not in LEARN_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses the shared training: add its module to "
+                                    f"tests/conftest.py LEARN_MODULES, or it trains again in another worker")
+
+
+# The units that take minutes, in lanes of about equal time (measured: docs/experiments.md):
+# worker gwN starts its lane's units before anything else, then a lane no worker has (fewer
+# workers than lanes), then the quick modules, which fill the gaps. (A worker holds its next
+# unit while it runs the last test of one, so with no lanes one worker gathered every long
+# unit behind its long tests while the other ran out of work.)
+LANES = {"gw0": ("learn", "tests/test_nodes.py"),
+         "gw1": ("tests/test_e2e.py", "tests/test_tune.py", "tests/test_worker_loss.py")}
+
+
+def xdist_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: "learn", else its module."""
+    module = nodeid.split("::")[0]
+    return "learn" if module in LEARN_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Whole units per worker, the long ones by lane (pyproject's addopts: two workers on 2 cores,
+    since much of a Ray test is one process starting or tracing while the other core idles;
+    three were slower: docs/experiments.md).
+    Written here rather than xdist's `--dist loadgroup`: its group marks rename the test ids,
+    which pytest 9.2 no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    long_units = {unit for lane in LANES.values() for unit in lane}
+
+    class ByLane(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_unit(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            workers = {n.gateway.id for n in self.nodes}
+            orphans = [unit for worker, lane in LANES.items() if worker not in workers for unit in lane]
+            wanted = [*LANES.get(node.gateway.id, ()), *orphans,
+                      *(unit for unit in self.workqueue if unit not in long_units), *self.workqueue]
+            self.workqueue.move_to_end(next(u for u in wanted if u in self.workqueue), last=False)
+            super()._assign_work_unit(node)
+
+    return ByLane(config, log)
 
 
 # --- log files ---------------------------------------------------------------
@@ -107,15 +156,26 @@ def fresh_s3_server(tmp_path: Path) -> Iterator[S3Server]:
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     """A private local Ray for one module's in-process tests (address="local": never a stale
-    cluster). Module scope: it must be gone before tests that start Ray in a subprocess, or
-    Train's placement-group cleaner finds two clusters and cannot tell which is its own."""
+    cluster), its State API pinned to its own dashboard: other clusters run beside it (the
+    other xdist worker's, `mdfer` subprocesses'), and an unpinned State API call (ours, or
+    Train's placement-group cleaner's) may ask one of them."""
+    import os
+
     import ray
 
-    ray.init(address="local", num_cpus=2, log_to_driver=True)
+    from helpers import free_ports
+    (port,) = free_ports(1)
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=port)
     try:
         yield
     finally:
         ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
 
 
 @pytest.fixture(scope="session")

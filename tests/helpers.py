@@ -78,7 +78,6 @@ class RayNode:
         import json
         import secrets
 
-        self.env = env
         # short: Ray's socket paths must fit 107 bytes
         self.temp = f"/tmp/mdfer-{'head' if head_gcs_port is None else 'node'}-{secrets.token_hex(3)}"
         gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = \
@@ -93,10 +92,15 @@ class RayNode:
                     f"--ray-client-server-port={client}", f"--temp-dir={self.temp}",
                     *([f"--system-config={json.dumps(system_config)}"] if system_config else [])]
             self.address = f"http://127.0.0.1:{dashboard}"
+            # Train's placement-group cleaner asks the State API whether a run's controller is
+            # alive; unpinned it may ask another cluster on this machine (the tests run two at
+            # once), hear "not found" and tear the run down. Nodes joining take the head's env.
+            env = {**env, "RAY_API_SERVER_ADDRESS": self.address}
         else:
             self.gcs_port = head_gcs_port
             role = [f"--address=127.0.0.1:{head_gcs_port}", f"--temp-dir={self.temp}"]
             self.address = None
+        self.env = env
         self.log = log.open("w")
         self.process = subprocess.Popen([str(BIN / "ray"), "start", "--block", *role, *common], env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

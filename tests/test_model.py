@@ -254,3 +254,27 @@ def test_stride1_blocks_enlarge_the_maps_and_take_the_same_weights(model, tmp_pa
               for i in range(len(config.train.stages))]
     assert shapes == [(1, 1)] * (len(shapes) - 1) + [(4, 4)]
     assert model_from_config(config).get_layer(BACKBONE).output_shape[1:3] == (4, 4)  # evaluation: the last stage's
+
+
+def test_a_stage_starts_from_the_previous_stages_weights_on_s3(s3_env, s3_prefix, tmp_path):
+    """What a stage on a cluster does with the previous stage's best (`stages.train_run` hands it
+    the store's s3:// key): fetch it, load every layer, say so on the console."""
+    from mdfer.config import load_config
+    from mdfer.storage import Store
+    from mdfer.stream import EpochPlan
+    from mdfer.train_loop import build_stage
+
+    config = load_config(None, embedded="demo.yaml")
+    config.model.image_size = SIZE
+    keras.utils.set_random_seed(1)
+    previous = build_model(DOMAINS, image_size=SIZE)
+    previous.save_weights(str(tmp_path / "best.weights.h5"))
+    store = Store(s3_prefix)
+    store.write_bytes("runs/r/stage1/best.weights.h5", (tmp_path / "best.weights.h5").read_bytes())
+    uri = store.key_uri("runs/r/stage1/best.weights.h5")
+    said = []
+    parts = build_stage(config, 1, EpochPlan(("fer2013", "fane"), {"fer2013": 8, "fane": 8}, 1, 1), 1, uri,
+                        None, {}, said.append)
+    assert said[0] == f"stage2: starting from {uri} (all)", said
+    for ours, theirs in zip(parts.model.weights, previous.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())

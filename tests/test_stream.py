@@ -192,8 +192,8 @@ def test_idle_backoff_pauses_only_an_idle_unfinished_loop():
     finished = Executor(_topology={_Operator(0, completed=True): None}, _shutdown=False)
     stopping = Executor(_topology={_Operator(0): None}, _shutdown=True)
     unknown = Executor()  # another Ray's executor without these attributes: leave it alone
-    for executor in (busy, finished, stopping, unknown):
-        assert _step_seconds(executor) < IDLE_STEP_SLEEP_S / 2
+    for executor in (busy, finished, stopping, unknown):  # the best of 3: another test may hold the CPU
+        assert min(_step_seconds(executor) for _ in range(3)) < IDLE_STEP_SLEEP_S / 2
 
 
 def test_backoff_switch_and_it_travels_into_ray_trains_split(ray_session, monkeypatch, tmp_path):
