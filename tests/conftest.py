@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
-        if LEARN_FIXTURES & fixtures and item.nodeid.split("::")[0] not in LEARN_MODULES:
+        if LEARN_FIXTURES & fixtures and xdist_unit(item.nodeid) != "learn":
             raise pytest.UsageError(f"{item.nodeid} uses the shared training: add its module to "
                                     f"tests/conftest.py LEARN_MODULES, or it trains again in another worker")
 
@@ -159,23 +159,17 @@ def ray_session() -> Iterator[None]:
     cluster), its State API pinned to its own dashboard: other clusters run beside it (the
     other xdist worker's, `mdfer` subprocesses'), and an unpinned State API call (ours, or
     Train's placement-group cleaner's) may ask one of them."""
-    import os
-
     import ray
 
     from helpers import free_ports
     (port,) = free_ports(1)
-    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=port)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=port)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
