@@ -110,6 +110,9 @@ class ModelConfig:
     # backbone block groups (of STRIDE2_BLOCKS) whose first block runs at stride 1: larger feature
     # maps from there on, the same weights; e.g. [4] at 48 px gives 6x6 maps in blocks 4-5, 3x3 in 6
     stride1_blocks: list[int] = field(default_factory=list)
+    # stochastic depth: the share of samples whose residual branch is dropped, rising linearly over
+    # the blocks to this value (Keras's 0.2, tuned for ImageNet's 350 epochs); 0 turns it off
+    drop_connect_rate: float = 0.2
 
 
 @dataclass
@@ -419,6 +422,7 @@ def validate(config: Config) -> None:
     model = config.model
     need(model.image_size >= 32, "model.image_size", f"{model.image_size} is below 32")
     need(0 <= model.dropout < 1, "model.dropout", f"{model.dropout} is outside [0, 1)")
+    need(0 <= model.drop_connect_rate < 1, "model.drop_connect_rate", f"{model.drop_connect_rate} is outside [0, 1)")
     need(model.inference_lowpass == 0 or (model.inference_lowpass % 2 == 1 and 3 <= model.inference_lowpass < model.image_size),
          "model.inference_lowpass", f"{model.inference_lowpass} is neither 0 (off) nor an odd width from 3 to below "
          f"model.image_size ({model.image_size})")

@@ -72,13 +72,14 @@ def build_model(
     dropout: float = 0.2,
     input_lowpass: int = 0,
     stride1_blocks: list[int] | tuple[int, ...] = (),
+    drop_connect_rate: float = 0.2,
 ) -> keras.Model:
     """Build the multi-head model.
 
     weights: None or "none" = random init; "imagenet" = Keras's ImageNet backbone weights
     (downloads: needs internet); otherwise a local `.weights.h5` or `.keras` path, see
     `load_weights_file`. input_lowpass: 0, or the odd width of a `lowpass` filter that every
-    input goes through. stride1_blocks: see `efficientnet_v2b0`.
+    input goes through. stride1_blocks, drop_connect_rate: see `efficientnet_v2b0`.
     """
     _check_domains(domains)
     source = None if weights is None or str(weights).lower() == "none" else str(weights)
@@ -92,7 +93,8 @@ def build_model(
     if input_lowpass:
         x = lowpass(input_lowpass)(x)
 
-    backbone = efficientnet_v2b0(shape, "imagenet" if source == "imagenet" else None, stride1_blocks)
+    backbone = efficientnet_v2b0(shape, "imagenet" if source == "imagenet" else None, stride1_blocks,
+                                 drop_connect_rate)
     # EfficientNetV2B0(name=...) would break it: the name is also its block-table key.
     backbone.name = BACKBONE
     x = backbone(x)
@@ -109,23 +111,23 @@ def build_model(
 
 
 def efficientnet_v2b0(shape: tuple[int, int, int], weights: str | None,
-                      stride1_blocks: list[int] | tuple[int, ...] = ()) -> keras.Model:
+                      stride1_blocks: list[int] | tuple[int, ...] = (),
+                      drop_connect_rate: float = 0.2) -> keras.Model:
     """Keras's EfficientNetV2B0 without top or preprocessing, optionally with some downsampling
     block groups at stride 1. It downsamples 32x, so a 48 px face ends in 2x2 maps and most
     blocks see 3x3 or less; a stride-1 group keeps its maps (and every later one's) twice as
     large, as a 2x larger input would from there on, at less cost (the early blocks stay small).
-    Strides own no weights: checkpoints and ImageNet weights fit whatever the strides."""
-    if not stride1_blocks:
-        return keras.applications.EfficientNetV2B0(include_top=False, include_preprocessing=False,
-                                                    weights=weights, input_shape=shape)
+    drop_connect_rate: stochastic depth (Keras's default 0.2 is ImageNet's; a short run from
+    random weights underfits and learns faster without it). Neither strides nor stochastic depth
+    own weights: checkpoints and ImageNet weights fit whatever they are."""
     from keras.src.applications import efficientnet_v2  # the builder behind EfficientNetV2B0
     blocks = copy.deepcopy(efficientnet_v2.DEFAULT_BLOCKS_ARGS["efficientnetv2-b0"])
     for group in stride1_blocks:
         blocks[group - 1]["strides"] = 1
     return efficientnet_v2.EfficientNetV2(
         width_coefficient=1.0, depth_coefficient=1.0, default_size=224, blocks_args=blocks,
-        name="efficientnetv2-b0", weights_name="b0", include_top=False, include_preprocessing=False,
-        weights=weights, input_shape=shape)
+        drop_connect_rate=drop_connect_rate, name="efficientnetv2-b0", weights_name="b0",
+        include_top=False, include_preprocessing=False, weights=weights, input_shape=shape)
 
 
 def model_from_config(config: Config, weights: str | None = None, training: bool = False,
@@ -138,7 +140,8 @@ def model_from_config(config: Config, weights: str | None = None, training: bool
     return build_model([(d.name, len(d.classes)) for d in config.data.domains], config.model.image_size,
                        weights=weights, dropout=config.model.dropout,
                        input_lowpass=0 if training else config.model.inference_lowpass,
-                       stride1_blocks=config.stride1_blocks(stage_index))
+                       stride1_blocks=config.stride1_blocks(stage_index),
+                       drop_connect_rate=config.model.drop_connect_rate)
 
 
 def _check_domains(domains: list[tuple[str, int]]) -> None:

@@ -58,6 +58,7 @@ def write(tmp_path: Path, edit) -> Path:
     (lambda c: c["train"]["stages"][0].update(warmup_epochs=3), "train.stages[0].warmup_epochs", "outside [0, epochs=3)"),
     (lambda c: c["train"]["stages"][0].update(lr_end=1e-3), "train.stages[0].lr_end", "outside [0, lr=0.0005)"),
     (lambda c: c["stream"]["augment"].update(erase=1.5), "stream.augment.erase", "is a probability"),
+    (lambda c: c["model"].update(drop_connect_rate=1.0), "model.drop_connect_rate", "1.0 is outside [0, 1)"),
     (lambda c: c["model"].update(stride1_blocks=[5]), "model.stride1_blocks", "only block groups that downsample"),
     (lambda c: c["train"]["stages"][1].update(stride1_blocks=[4, 4]), "train.stages[1].stride1_blocks",
      "names a block group twice"),

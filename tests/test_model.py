@@ -256,6 +256,33 @@ def test_stride1_blocks_enlarge_the_maps_and_take_the_same_weights(model, tmp_pa
     assert model_from_config(config).get_layer(BACKBONE).output_shape[1:3] == (4, 4)  # evaluation: the last stage's
 
 
+def test_stochastic_depth_is_a_config_value_and_owns_no_weights(model, tmp_path):
+    """model.drop_connect_rate 0 takes every stochastic-depth Dropout out of the backbone (Keras's
+    default puts one in each residual block); weights move between the two unchanged, and a
+    stored config keeps the value."""
+    from mdfer.config import load_config
+    from mdfer.model import model_from_config
+
+    def drops(m):
+        return [layer.name for layer in m.get_layer(BACKBONE).layers if layer.name.endswith("_drop")]
+
+    assert len(drops(model)) == 15  # Keras's default: every residual block but the first (rate 0)
+    path = str(tmp_path / "with_drop.weights.h5")
+    model.save_weights(path)
+    plain = build_model(DOMAINS, image_size=SIZE, weights=path, drop_connect_rate=0.0)
+    assert drops(plain) == []
+    for ours, theirs in zip(plain.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    x = _images(2)
+    for name, out in model(x, training=False).items():
+        np.testing.assert_allclose(plain(x, training=False)[name], out, atol=1e-6)
+
+    config = load_config(None, {"fer2013": "/a", "fane": "/b"})
+    config.model.image_size = SIZE
+    config.model.drop_connect_rate = 0.0
+    assert drops(model_from_config(config, training=True)) == []
+
+
 def test_a_stage_starts_from_the_previous_stages_weights_on_s3(s3_env, s3_prefix, tmp_path):
     """What a stage on a cluster does with the previous stage's best (`stages.train_run` hands it
     the store's s3:// key): fetch it, load every layer, say so on the console."""
