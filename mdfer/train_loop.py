@@ -111,15 +111,21 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
     return summarize(allreduce_sum(strategy, sum_confusions(mine, predict, classes)), classes)
 
 
+TENSORBOARD_TMP_PREFIX = "mdfer-tb-"  # + "<pid>-": the local folder of one worker's TensorBoard
+
+
 class TensorBoard:
     """Scalars per epoch, written locally by rank 0 and copied to the store after each epoch
     (event files cannot go straight to s3://). tensorboardX: TensorFlow 2.21 no longer ships
-    the `tensorboard` package its own tf.summary needs. `close()` removes the local folder."""
+    the `tensorboard` package its own tf.summary needs. `close()` removes the local folder; a
+    worker killed by SIGKILL (a lost node, `ray job stop`) never closes, so each new one removes
+    the folders its dead predecessors left (their pid is in the name)."""
 
     def __init__(self, uri: str | None):
         from tensorboardX import SummaryWriter
         self.store = Store(uri) if uri else None
-        self.folder = tempfile.mkdtemp(prefix="mdfer-tb-")
+        remove_dead_workers_folders(tempfile.gettempdir())
+        self.folder = tempfile.mkdtemp(prefix=f"{TENSORBOARD_TMP_PREFIX}{os.getpid()}-")
         self.writer = SummaryWriter(self.folder)
 
     def write(self, epoch: int, metrics: dict) -> None:
@@ -134,6 +140,24 @@ class TensorBoard:
     def close(self) -> None:
         self.writer.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def remove_dead_workers_folders(parent: str) -> list[str]:
+    """Remove this user's TensorBoard folders in `parent` whose worker process is gone; returns
+    their names. A live pid (or one now reused by another process) keeps its folder."""
+    removed = []
+    for folder in Path(parent).glob(f"{TENSORBOARD_TMP_PREFIX}*-*"):
+        pid = folder.name[len(TENSORBOARD_TMP_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+        except OSError:  # no permission to signal: alive, someone else's
+            continue
+    return removed
 
 
 def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:

@@ -12,6 +12,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import yaml
 from helpers import (MDFER, check_train_console, generated_demo_config, listening_sockets, registered_checkpoints,
                      train_args)
 from mdfer.config import load_config
-from mdfer.train_loop import epoch_lr
+from mdfer.train_loop import TENSORBOARD_TMP_PREFIX, epoch_lr, remove_dead_workers_folders
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,7 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     process, config, console = _train_in_background(small, tmp_path, "fault", raw)
     sampled: dict[int, set] = {}
     killed = None
+    killed_tensorboard: list[Path] = []
     try:
         deadline = time.time() + 900
         while process.poll() is None:
@@ -113,6 +116,7 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
             # checkpoint folder exists: a kill between the two restarts the stage from scratch
             if killed is None and workers and registered_checkpoints(store, "runs/fault/stage1/ray"):
                 killed = workers[0]
+                killed_tensorboard = _tensorboard_folders(killed)
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.5)
     finally:
@@ -138,3 +142,33 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     assert all(count <= (8 if epoch == interrupted else 4) for epoch, count in per_epoch.items()), per_epoch
     assert "stage1 epoch 3/3: loss" in output
     assert re.search(r"log: \S+\.log; Ray workers' logs: ", output)
+    # the killed worker never closed its TensorBoard; its replacement removed the folder
+    assert killed_tensorboard, "the killed worker had no local TensorBoard folder"
+    assert not any(folder.exists() for folder in killed_tensorboard)
+    assert not _tensorboard_folders(*sampled), "a worker left its TensorBoard folder"
+
+
+def _tensorboard_folders(*pids: int) -> list[Path]:
+    return [folder for pid in pids
+            for folder in Path(tempfile.gettempdir()).glob(f"{TENSORBOARD_TMP_PREFIX}{pid}-*")]
+
+
+def test_a_dead_workers_tensorboard_folder_is_removed_and_nothing_else(tmp_path):
+    """Only folders named for a pid that no longer runs go; a live pid's, a name that is not
+    ours and a link (even one named like a dead worker's) stay, and so does what it points to."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)
+    names = {"dead": f"{TENSORBOARD_TMP_PREFIX}{dead}-a1b2", "alive": f"{TENSORBOARD_TMP_PREFIX}{os.getpid()}-c3d4",
+             "old style": f"{TENSORBOARD_TMP_PREFIX}x7y8z9", "other": "mdfer-tbx-1-ab"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "events.out").write_text("scalars")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / f"{TENSORBOARD_TMP_PREFIX}{dead}-link").symlink_to(target)
+
+    assert remove_dead_workers_folders(str(tmp_path)) == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["alive"], names["old style"], names["other"], "elsewhere", f"{TENSORBOARD_TMP_PREFIX}{dead}-link"])
+    assert target.is_dir()
