@@ -99,6 +99,8 @@ FIRST_RELEASE_OPTIONS = frozenset({
 })
 # EfficientNetV2B0's block groups (Keras's block1..block6) whose first block has stride 2
 STRIDE2_BLOCKS = (2, 3, 4, 6)
+# Keras's EfficientNetV2 stochastic depth (for ImageNet's 350 epochs): model.drop_connect_rate's default
+KERAS_DROP_CONNECT_RATE = 0.2
 
 
 @dataclass
@@ -111,8 +113,8 @@ class ModelConfig:
     # maps from there on, the same weights; e.g. [4] at 48 px gives 6x6 maps in blocks 4-5, 3x3 in 6
     stride1_blocks: list[int] = field(default_factory=list)
     # stochastic depth: the share of samples whose residual branch is dropped, rising linearly over
-    # the blocks to this value (Keras's 0.2, tuned for ImageNet's 350 epochs); 0 turns it off
-    drop_connect_rate: float = 0.2
+    # the blocks to this value; 0 turns it off
+    drop_connect_rate: float = KERAS_DROP_CONNECT_RATE
 
 
 @dataclass

@@ -23,7 +23,7 @@ import warnings
 import keras
 from keras import layers
 
-from mdfer.config import DOMAIN_HEAD, RESERVED_NAMES, Config
+from mdfer.config import DOMAIN_HEAD, KERAS_DROP_CONNECT_RATE, RESERVED_NAMES, Config
 from mdfer.errors import ConfigError
 
 INPUT = "image"
@@ -72,7 +72,7 @@ def build_model(
     dropout: float = 0.2,
     input_lowpass: int = 0,
     stride1_blocks: list[int] | tuple[int, ...] = (),
-    drop_connect_rate: float = 0.2,
+    drop_connect_rate: float = KERAS_DROP_CONNECT_RATE,
 ) -> keras.Model:
     """Build the multi-head model.
 
@@ -112,13 +112,13 @@ def build_model(
 
 def efficientnet_v2b0(shape: tuple[int, int, int], weights: str | None,
                       stride1_blocks: list[int] | tuple[int, ...] = (),
-                      drop_connect_rate: float = 0.2) -> keras.Model:
+                      drop_connect_rate: float = KERAS_DROP_CONNECT_RATE) -> keras.Model:
     """Keras's EfficientNetV2B0 without top or preprocessing, optionally with some downsampling
     block groups at stride 1. It downsamples 32x, so a 48 px face ends in 2x2 maps and most
     blocks see 3x3 or less; a stride-1 group keeps its maps (and every later one's) twice as
     large, as a 2x larger input would from there on, at less cost (the early blocks stay small).
-    drop_connect_rate: stochastic depth (Keras's default 0.2 is ImageNet's; a short run from
-    random weights underfits and learns faster without it). Neither strides nor stochastic depth
+    drop_connect_rate: stochastic depth (Keras's default is ImageNet's; from random weights a run
+    learns faster early without it, though not by mid-run in `real13`). Neither strides nor stochastic depth
     own weights: checkpoints and ImageNet weights fit whatever they are."""
     from keras.src.applications import efficientnet_v2  # the builder behind EfficientNetV2B0
     blocks = copy.deepcopy(efficientnet_v2.DEFAULT_BLOCKS_ARGS["efficientnetv2-b0"])

@@ -155,7 +155,7 @@ def remove_dead_workers_folders(parent: str) -> list[str]:
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
-        except OSError:  # no permission to signal: alive, someone else's
+        except OSError:  # no permission to signal (alive, someone else's), or the folder went meanwhile
             continue
     return removed
 

@@ -258,8 +258,8 @@ def test_stride1_blocks_enlarge_the_maps_and_take_the_same_weights(model, tmp_pa
 
 def test_stochastic_depth_is_a_config_value_and_owns_no_weights(model, tmp_path):
     """model.drop_connect_rate 0 takes every stochastic-depth Dropout out of the backbone (Keras's
-    default puts one in each residual block); weights move between the two unchanged, and a
-    stored config keeps the value."""
+    default puts one in each residual block); weights move between the two unchanged, and
+    model_from_config builds what the config says."""
     from mdfer.config import load_config
     from mdfer.model import model_from_config
 
