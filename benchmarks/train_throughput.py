@@ -257,7 +257,6 @@ def child_main(args: argparse.Namespace) -> int:
     from mdfer.ingest import load_manifest
     from mdfer.storage import Store
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (ray.shutdown)
     process_started = time.perf_counter()
     config = load_config(args.child_config)
     store = Store(str(args.work / "store"))
@@ -352,7 +351,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                            stride1_blocks=blocks))
     if not args.skip_half_batch:
         out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
-    out.append(Variant("ray1", f"(b) Ray Train, 1 worker x 1 thread (cpus {args.cpus_1worker:g})",
+    threads = max(1, round(args.cpus_1worker))  # as mdfer.train_loop.limit_threads sets them
+    out.append(Variant("ray1", f"(b) Ray Train, 1 worker x {threads} thread{'s' * (threads > 1)} "
+                               f"(cpus {args.cpus_1worker:g})",
                        1, args.cpus_1worker, batch))
     out.append(Variant("ray1_spin", "(b0) as (b), Ray Data's idle loop left spinning", 1, args.cpus_1worker, batch,
                        env={IDLE_BACKOFF_ENV: "0"}))
@@ -467,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM runs the finally blocks: the child's ray.shutdown; the parent's stop of the running
+    # child's process group and removal of the work folder
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.child:
         return child_main(args)
     if args.batch_size % 2:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,21 +112,57 @@ def evaluate_shard(predict_step, batches, classes: dict[str, list[str]], rank: i
     return summarize(allreduce_sum(strategy, sum_confusions(mine, predict, classes)), classes)
 
 
-TENSORBOARD_TMP_PREFIX = "mdfer-tb-"  # + "<pid>-": the local folder of one worker's TensorBoard
+WORKER_TMP_PREFIX = "mdfer-worker-"  # + "<pid>-": the folder of one Train worker's temporary files
+
+
+@contextmanager
+def worker_temp_folder() -> Iterator[str]:
+    """Every temporary file this worker makes goes into one folder of its own (Python's
+    `tempfile.tempdir`), removed when the stage ends. Why: a Train worker is a Ray actor, which
+    ends without Python's exit handlers, and TensorFlow's autograph writes each traced function's
+    source to `/tmp/__autograph_generated_file*.py` and removes it only at exit: dozens of files per
+    stage, kept for ever on a long-lived node. A worker killed by SIGKILL (a lost node, `ray job
+    stop`) skips `finally` as well, so each new worker first removes the folders its dead
+    predecessors left (their pid is in the name)."""
+    parent = tempfile.gettempdir()
+    remove_dead_workers_folders(parent)
+    folder = tempfile.mkdtemp(prefix=f"{WORKER_TMP_PREFIX}{os.getpid()}-", dir=parent)
+    previous, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_dead_workers_folders(parent: str) -> list[str]:
+    """Remove this user's worker folders in `parent` whose worker process is gone; returns their
+    names. A live pid (or one now reused by another process) keeps its folder."""
+    removed = []
+    for folder in Path(parent).glob(f"{WORKER_TMP_PREFIX}*-*"):
+        pid = folder.name[len(WORKER_TMP_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+        except OSError:  # no permission to signal (alive, someone else's), or the folder went meanwhile
+            continue
+    return removed
 
 
 class TensorBoard:
     """Scalars per epoch, written locally by rank 0 and copied to the store after each epoch
     (event files cannot go straight to s3://). tensorboardX: TensorFlow 2.21 no longer ships
-    the `tensorboard` package its own tf.summary needs. `close()` removes the local folder; a
-    worker killed by SIGKILL (a lost node, `ray job stop`) never closes, so each new one removes
-    the folders its dead predecessors left (their pid is in the name)."""
+    the `tensorboard` package its own tf.summary needs. The local folder is a temporary one, so
+    it lies in the worker's own folder (`worker_temp_folder`) and goes with it."""
 
     def __init__(self, uri: str | None):
         from tensorboardX import SummaryWriter
         self.store = Store(uri) if uri else None
-        remove_dead_workers_folders(tempfile.gettempdir())
-        self.folder = tempfile.mkdtemp(prefix=f"{TENSORBOARD_TMP_PREFIX}{os.getpid()}-")
+        self.folder = tempfile.mkdtemp(prefix="tensorboard-")
         self.writer = SummaryWriter(self.folder)
 
     def write(self, epoch: int, metrics: dict) -> None:
@@ -140,24 +177,6 @@ class TensorBoard:
     def close(self) -> None:
         self.writer.close()
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def remove_dead_workers_folders(parent: str) -> list[str]:
-    """Remove this user's TensorBoard folders in `parent` whose worker process is gone; returns
-    their names. A live pid (or one now reused by another process) keeps its folder."""
-    removed = []
-    for folder in Path(parent).glob(f"{TENSORBOARD_TMP_PREFIX}*-*"):
-        pid = folder.name[len(TENSORBOARD_TMP_PREFIX):].split("-", 1)[0]
-        try:
-            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-        except OSError:  # no permission to signal (alive, someone else's), or the folder went meanwhile
-            continue
-    return removed
 
 
 def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
@@ -290,6 +309,11 @@ def report_epoch(parts: StageParts, metrics: dict, evaluation: dict, rank: int) 
 def train_stage(loop_config: dict) -> None:
     """One stage on one worker; `loop_config` comes from `stages.fit_stage` (plain data only,
     because Ray ships it to every worker)."""
+    with worker_temp_folder():
+        _train_stage(loop_config)
+
+
+def _train_stage(loop_config: dict) -> None:
     import keras
     import ray.train
 

@@ -23,7 +23,7 @@ import yaml
 from helpers import (MDFER, check_train_console, generated_demo_config, listening_sockets, registered_checkpoints,
                      train_args)
 from mdfer.config import load_config
-from mdfer.train_loop import TENSORBOARD_TMP_PREFIX, epoch_lr, remove_dead_workers_folders
+from mdfer.train_loop import WORKER_TMP_PREFIX, epoch_lr, remove_dead_workers_folders
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,8 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     process, config, console = _train_in_background(small, tmp_path, "fault", raw)
     sampled: dict[int, set] = {}
     killed = None
-    killed_tensorboard: list[Path] = []
+    killed_folders: list[Path] = []
+    killed_autograph: list[str] = []
     try:
         deadline = time.time() + 900
         while process.poll() is None:
@@ -116,7 +117,8 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
             # checkpoint folder exists: a kill between the two restarts the stage from scratch
             if killed is None and workers and registered_checkpoints(store, "runs/fault/stage1/ray"):
                 killed = workers[0]
-                killed_tensorboard = _tensorboard_folders(killed)
+                killed_folders = _worker_folders(killed)
+                killed_autograph = [f.name for folder in killed_folders for f in folder.glob(AUTOGRAPH_FILES)]
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.5)
     finally:
@@ -142,33 +144,85 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     assert all(count <= (8 if epoch == interrupted else 4) for epoch, count in per_epoch.items()), per_epoch
     assert "stage1 epoch 3/3: loss" in output
     assert re.search(r"log: \S+\.log; Ray workers' logs: ", output)
-    # the killed worker never closed its TensorBoard; its replacement removed the folder
-    assert killed_tensorboard, "the killed worker had no local TensorBoard folder"
-    assert not any(folder.exists() for folder in killed_tensorboard)
-    assert not _tensorboard_folders(*sampled), "a worker left its TensorBoard folder"
+    # the killed worker's temporary files (TensorFlow's autograph sources among them) were in
+    # its own folder, which its replacement removed; the finished worker removed its own
+    assert killed_folders, "the killed worker had no temporary folder of its own"
+    assert killed_autograph, "the killed worker's autograph sources were not in its folder"
+    assert not any(folder.exists() for folder in killed_folders)
+    assert not _worker_folders(*sampled), "a worker left its temporary folder"
 
 
-def _tensorboard_folders(*pids: int) -> list[Path]:
+AUTOGRAPH_FILES = "__autograph_generated_file*.py"
+
+
+def _worker_folders(*pids: int) -> list[Path]:
     return [folder for pid in pids
-            for folder in Path(tempfile.gettempdir()).glob(f"{TENSORBOARD_TMP_PREFIX}{pid}-*")]
+            for folder in Path(tempfile.gettempdir()).glob(f"{WORKER_TMP_PREFIX}{pid}-*")]
 
 
-def test_a_dead_workers_tensorboard_folder_is_removed_and_nothing_else(tmp_path):
+TRACE_IN_WORKER_FOLDER = '''
+import os, signal, sys, tempfile
+import tensorflow as tf
+from mdfer.train_loop import worker_temp_folder
+
+@tf.function
+def clipped(x):
+    if tf.reduce_sum(x) > 0:  # a tensor condition: autograph converts the function
+        return x
+    return -x
+
+with worker_temp_folder() as folder:
+    clipped(tf.constant([1.0]))
+    print(folder, flush=True)
+    print(len([f for f in os.listdir(folder) if f.startswith("__autograph_generated_file")]), flush=True)
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+print(tempfile.gettempdir(), flush=True)
+'''
+
+
+@pytest.mark.parametrize("ending", ["return", "kill"])
+def test_a_workers_temporary_files_go_with_its_folder(tmp_path, ending):
+    """TensorFlow's autograph sources (kept until an exit a Ray actor never makes) land in the
+    worker's own folder; the folder goes when the stage returns, or, after a SIGKILL, when the
+    next worker starts; nothing is left in the temp dir either way."""
+    script = tmp_path / "trace.py"  # a file: autograph converts only functions whose source it can read
+    script.write_text(TRACE_IN_WORKER_FOLDER)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run([sys.executable, str(script), ending], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(temp), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    lines = done.stdout.split()
+    folder, traced = Path(lines[0]), int(lines[1])
+    assert folder.parent == temp and folder.name.startswith(WORKER_TMP_PREFIX), lines
+    assert traced >= 1, "autograph wrote no source into the worker's folder"
+    if ending == "kill":
+        assert done.returncode == -signal.SIGKILL
+        assert folder.is_dir() and list(folder.glob(AUTOGRAPH_FILES)), "the killed worker's folder is gone already"
+        assert remove_dead_workers_folders(str(temp)) == [folder.name]
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert lines[2] == str(temp), "the temp dir was not given back"
+    assert not folder.exists()
+    assert not list(temp.rglob(AUTOGRAPH_FILES)) and not list(temp.iterdir()), list(temp.rglob("*"))
+
+
+def test_a_dead_workers_folder_is_removed_and_nothing_else(tmp_path):
     """Only folders named for a pid that no longer runs go; a live pid's, a name that is not
     ours and a link (even one named like a dead worker's) stay, and so does what it points to."""
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)
     dead = int(finished.stdout)
-    names = {"dead": f"{TENSORBOARD_TMP_PREFIX}{dead}-a1b2", "alive": f"{TENSORBOARD_TMP_PREFIX}{os.getpid()}-c3d4",
-             "old style": f"{TENSORBOARD_TMP_PREFIX}x7y8z9", "other": "mdfer-tbx-1-ab"}
+    names = {"dead": f"{WORKER_TMP_PREFIX}{dead}-a1b2", "alive": f"{WORKER_TMP_PREFIX}{os.getpid()}-c3d4",
+             "old style": f"{WORKER_TMP_PREFIX}x7y8z9", "other": "mdfer-workerx-1-ab"}
     for name in names.values():
         (tmp_path / name).mkdir()
         (tmp_path / name / "events.out").write_text("scalars")
     target = tmp_path / "elsewhere"
     target.mkdir()
-    (tmp_path / f"{TENSORBOARD_TMP_PREFIX}{dead}-link").symlink_to(target)
+    (tmp_path / f"{WORKER_TMP_PREFIX}{dead}-link").symlink_to(target)
 
     assert remove_dead_workers_folders(str(tmp_path)) == [names["dead"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["alive"], names["old style"], names["other"], "elsewhere", f"{TENSORBOARD_TMP_PREFIX}{dead}-link"])
+        [names["alive"], names["old style"], names["other"], "elsewhere", f"{WORKER_TMP_PREFIX}{dead}-link"])
     assert target.is_dir()
