@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 
 # On a small machine the Train actors use up Ray's idle-worker allowance (one per CPU), so the
 # data stream's task workers were killed after 1 s idle and re-spawned (seconds of imports)
-# every epoch. Keep them. `ray start --head --system-config` takes the same settings.
-LOCAL_RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 32, "idle_worker_killing_time_threshold_ms": 600_000}
+# every epoch. Keep them. Ray expects at most 4x its startup concurrency (one per CPU) of worker
+# processes and prints a warning to the console at 8 on 2 cores, which one stage already has
+# (its Train controller and worker, Ray Data's tasks and actors). `ray start --head
+# --system-config` takes the same settings.
+LOCAL_RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 32, "idle_worker_killing_time_threshold_ms": 600_000,
+                           "worker_maximum_startup_concurrency": 8}
 
 
 def ensure_ray(address: str | None = None, local_resources: dict[str, float] | None = None,

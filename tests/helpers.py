@@ -176,8 +176,8 @@ CONSOLE_LINE_KINDS = {
     "where the logs are": r"\d\d:\d\d:\d\d log: \S+\.log; Ray workers' logs: /\S+",
     "warning": r"\d\d:\d\d:\d\d warning: ",
     "summary (JSON)": r"[{}]$|  \"(run_id|dataset_id|final_stage|val_macro_f1)\": ",
-    # Ray 2.60 pushes its raylets' notices (e.g. "N PYTHON worker processes have been started")
-    # to every driver and prints them on stdout whatever the log settings: not mdfer's to shorten
+    # Ray 2.60 pushes its raylets' notices (e.g. that a worker was killed for memory) to every
+    # driver and prints them on stdout whatever the log settings: not mdfer's to shorten
     RAY_NOTICE: r"\(raylet(, ip=\S+)?\) ",
 }
 MAX_CONSOLE_WIDTH = 200
@@ -189,6 +189,8 @@ def check_train_console(output: str) -> dict[str, int]:
     import re
     from collections import Counter
 
+    # mdfer's Ray expects the worker processes a run starts (stages.LOCAL_RAY_SYSTEM_CONFIG)
+    assert "worker processes have been started" not in output, output[-3000:]
     for line in output.splitlines():
         assert "\x1b" not in line, f"colour code in {line!r}"
         kinds = [kind for kind, pattern in CONSOLE_LINE_KINDS.items() if re.match(pattern, line)]
