@@ -335,6 +335,7 @@ def stop_group(child: subprocess.Popen) -> None:
 
 def variants(args: argparse.Namespace) -> list[Variant]:
     from mdfer.stream import IDLE_BACKOFF_ENV
+    from mdfer.train_loop import intra_op_threads
 
     batch, cpus = args.batch_size, args.cpus_1worker
     out = [Variant("plain", f"(a) plain TF loop, 1 process, cpus {cpus:g}", 0, cpus, batch)]
@@ -351,7 +352,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                            stride1_blocks=blocks))
     if not args.skip_half_batch:
         out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
-    threads = max(1, round(args.cpus_1worker))  # as mdfer.train_loop.limit_threads sets them
+    threads = intra_op_threads(args.cpus_1worker)
     out.append(Variant("ray1", f"(b) Ray Train, 1 worker x {threads} thread{'s' * (threads > 1)} "
                                f"(cpus {args.cpus_1worker:g})",
                        1, args.cpus_1worker, batch))

@@ -65,10 +65,15 @@ def make_optimizer(name: str, lr: float, weight_decay: float):
     return keras.optimizers.Adam(learning_rate=lr)
 
 
+def intra_op_threads(cpus: float) -> int:
+    """The TensorFlow threads a worker holding `cpus` CPUs computes with."""
+    return max(1, round(cpus))
+
+
 def limit_threads(cpus: float) -> None:
     """One worker, its own CPUs: TensorFlow would otherwise use every core of the node."""
     import tensorflow as tf
-    threads = max(1, round(cpus))
+    threads = intra_op_threads(cpus)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
 
@@ -176,7 +181,6 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _flat_metrics(stage: str, epoch: int, evaluation: dict) -> dict:
@@ -358,7 +362,7 @@ def _train_stage(loop_config: dict) -> None:
             reported = True
     finally:
         if board:
-            board.close()  # its local folder goes; the event files are in the store
+            board.close()  # the event files are in the store; the folder goes with the worker's
     if checkpoint and not reported and state["history"]:
         # Resumed after the stage's last epoch (or its early stop): report that epoch again, so
         # whoever drives this run (a restored Tune trial) gets its result and checkpoint.

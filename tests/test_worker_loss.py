@@ -214,7 +214,7 @@ def test_a_dead_workers_folder_is_removed_and_nothing_else(tmp_path):
                               text=True, check=True)
     dead = int(finished.stdout)
     names = {"dead": f"{WORKER_TMP_PREFIX}{dead}-a1b2", "alive": f"{WORKER_TMP_PREFIX}{os.getpid()}-c3d4",
-             "old style": f"{WORKER_TMP_PREFIX}x7y8z9", "other": "mdfer-workerx-1-ab"}
+             "no pid": f"{WORKER_TMP_PREFIX}x7y8z9", "other": "mdfer-workerx-1-ab"}
     for name in names.values():
         (tmp_path / name).mkdir()
         (tmp_path / name / "events.out").write_text("scalars")
@@ -224,5 +224,5 @@ def test_a_dead_workers_folder_is_removed_and_nothing_else(tmp_path):
 
     assert remove_dead_workers_folders(str(tmp_path)) == [names["dead"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["alive"], names["old style"], names["other"], "elsewhere", f"{WORKER_TMP_PREFIX}{dead}-link"])
+        [names["alive"], names["no pid"], names["other"], "elsewhere", f"{WORKER_TMP_PREFIX}{dead}-link"])
     assert target.is_dir()
