@@ -9,11 +9,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG, load_config
-from mdfer.errors import ConfigError, MdferError
+from mdfer.errors import ConfigError, MdferError, stop_on_sigterm
 from mdfer.logs import NORMAL, QUIET, VERBOSE, redact, setup_logging
 
 log = logging.getLogger("mdfer")
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_file = setup_logging(VERBOSE if args.debug else args.verbosity, args.debug, args.command)
     handler = COMMANDS[args.command][0]
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm()
     try:
         _check_ids(args)
         return handler(args)
@@ -438,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{redact(str(exc)).splitlines()[0] if str(exc) else ''} ({details})",
               file=sys.stderr)
         return 1
+    finally:  # as it was: main() also runs inside other programs (the tests)
+        if sigterm_before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm_before)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 from mdfer.config import Config
 from mdfer.console import WorkerConsole
-from mdfer.errors import MdferError, root_cause
+from mdfer.errors import MdferError, root_cause, sigint_handler_kept, stop_on_sigterm
 from mdfer.ingest import load_manifest
 from mdfer.layout import (BEST_WEIGHTS_FILE, METRICS_FILE, STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR,
                           run_key, stage_key)
@@ -62,6 +62,7 @@ def ensure_ray(address: str | None = None, local_resources: dict[str, float] | N
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **init_options)
+        stop_on_sigterm()  # again: ray.init replaced it
         say_where_logs_are()
         return
     # Train's placement-group cleaner asks the State API whether a run's controller is alive;
@@ -71,6 +72,7 @@ def ensure_ray(address: str | None = None, local_resources: dict[str, float] | N
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", dashboard_port=port, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
              resources=local_resources, **init_options)
+    stop_on_sigterm()
     say_where_logs_are()
 
 
@@ -100,7 +102,9 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     (a Tune trial passes TuneReportCallback); `console`: show the workers' epoch lines and
     progress here (the driver of `mdfer train`)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # TensorflowTrainer's base
+
+    from mdfer.multiworker import MultiWorkerTensorflow
 
     stage = config.train.stages[stage_index]
     folder = folder or stage_key(run_key(run_id), stage.name)
@@ -110,8 +114,8 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
     datasets = train_datasets(store, manifest, config, plan, stage_index)
     datasets[VAL_DATASET] = eval_dataset(store, manifest, config, "val")
     shown = WorkerConsole() if console else nullcontext()
-    trainer = TensorflowTrainer(
-        train_stage,
+    trainer = DataParallelTrainer(  # a TensorflowTrainer whose controller loads no TensorFlow
+        train_stage, backend_config=MultiWorkerTensorflow(),
         train_loop_config={
             "config": config.to_dict(), "config_source": config.source, "stage_index": stage_index,
             "plan": plan_as_dict(plan), "init_weights": init_weights,
@@ -134,8 +138,10 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
                                                checkpoint_score_order="max")),
     )
     try:
-        with shown:
+        with shown, sigint_handler_kept():
             result = trainer.fit()
+    except SystemExit as exc:  # how fit() ends after its SIGINT handler aborted the run (Ctrl-C or,
+        raise KeyboardInterrupt from exc  # through mdfer.errors.stop_on_sigterm, SIGTERM): "interrupted"
     except Exception as exc:  # Ray wraps the workers' errors; the last error line is the cause
         raise MdferError(f"{stage.name}: training failed: {root_cause(exc)}") from exc
     if result.error:

@@ -84,6 +84,9 @@ def make_strategy(world: int, gpus: float):
     no option) and run collectives with nobody else."""
     import tensorflow as tf
     if world > 1:
+        named = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {}).get("worker", [])
+        if len(named) != world:  # else each worker would train alone, silently (mdfer.multiworker sets it)
+            raise RuntimeError(f"TF_CONFIG names {len(named)} worker(s), Ray Train started {world}")
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus > 0 else "/cpu:0")
 

@@ -12,7 +12,13 @@ DEMO = Path(__file__).parents[1] / "mdfer" / "configs" / "demo.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_mdfer(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+# A guard against a hung command, not a speed bar (speed: benchmarks/): the session's shared
+# training took 215 s on a fast 2-core host and over 900 s on CI's (2026-12-04), beside the other
+# pytest worker's Ray tests.
+COMMAND_TIMEOUT = 2400
+
+
+def run_mdfer(*args: str, timeout: float = COMMAND_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`mdfer ...` as a user runs it; RAY_ADDRESS="" so it starts (and stops) a private local Ray."""
     return subprocess.run([*MDFER, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "RAY_ADDRESS": "", **(env or {})})

@@ -170,3 +170,21 @@ def test_two_replicas_match_one_device():
         timeout=300,
     )
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
+def test_several_workers_without_a_tf_config_naming_them_are_refused(monkeypatch):
+    """Without TF_CONFIG (mdfer.multiworker sets it on each Train worker) MultiWorkerMirroredStrategy
+    would make every worker a cluster of one, each training alone: refused instead."""
+    import json
+
+    from mdfer.multiworker import set_tf_config
+    from mdfer.train_loop import make_strategy
+
+    monkeypatch.setenv("TF_CONFIG", "")  # monkeypatch puts back what was there (set_tf_config below too)
+    with pytest.raises(RuntimeError, match=r"TF_CONFIG names 0 worker\(s\), Ray Train started 2"):
+        make_strategy(2, 0)
+    set_tf_config(["127.0.0.1:1"], 0)
+    with pytest.raises(RuntimeError, match=r"TF_CONFIG names 1 worker\(s\), Ray Train started 2"):
+        make_strategy(2, 0)
+    assert json.loads(os.environ["TF_CONFIG"]) == {"cluster": {"worker": ["127.0.0.1:1"]},
+                                                   "task": {"type": "worker", "index": 0}}

@@ -1,6 +1,6 @@
 """A stage whose one worker is killed mid-way resumes from its last registered checkpoint
-(two workers losing a whole node: tests/test_nodes.py), printing only lines for people and
-opening no listener of its own.
+(two workers losing a whole node: tests/test_nodes.py), printing only lines for people,
+opening no listener of its own and loading no TensorFlow in Ray Train's controller; `kill` to the driver stops a run as Ctrl-C does.
 
 `mdfer train` runs in a subprocess, which starts (and stops) its own local Ray.
 """
@@ -102,6 +102,7 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     store = small["store"]
     process, config, console = _train_in_background(small, tmp_path, "fault", raw)
     sampled: dict[int, set] = {}
+    controllers: dict[int, bool] = {}  # pid -> TensorFlow seen loaded in it
     killed = None
     killed_folders: list[Path] = []
     killed_autograph: list[str] = []
@@ -113,6 +114,9 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
             if "stage1: lr " in console.read_text():  # the first worker has built its strategy
                 for pid in workers:
                     sampled.setdefault(pid, set()).update(listening_sockets(pid))
+                for pid in _descendants(process.pid):
+                    if "ray::TrainController" in _cmdline(pid):
+                        controllers[pid] = controllers.get(pid, False) or _loads_tensorflow(pid)
             # kill once Ray has registered a checkpoint (its snapshot lists one), not merely once a
             # checkpoint folder exists: a kill between the two restarts the stage from scratch
             if killed is None and workers and registered_checkpoints(store, "runs/fault/stage1/ray"):
@@ -133,6 +137,8 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     stage = load_config(config).train.stages[0]
     assert [row["lr"] for row in history] == pytest.approx([epoch_lr(stage, e) for e in (1, 2, 3)], rel=1e-5)
     assert killed in sampled and len(sampled) >= 2, f"sampled {sorted(sampled)}: not the worker and its replacement"
+    # Ray Train's controller never computes: it runs without TensorFlow (mdfer.multiworker)
+    assert controllers and not any(controllers.values()), controllers
     for pid, sockets in sampled.items():
         assert len(sockets) == 1, f"worker {pid} listens on {sockets}: more than its Ray port"
     # lines for people only: an epoch line and up to 3 progress lines per epoch; the epoch the
@@ -150,6 +156,50 @@ def test_one_worker_killed_mid_stage_resumes_prints_for_people_and_opens_no_list
     assert killed_autograph, "the killed worker's autograph sources were not in its folder"
     assert not any(folder.exists() for folder in killed_folders)
     assert not _worker_folders(*sampled), "a worker left its temporary folder"
+
+
+@pytest.mark.slow  # starts Ray in a subprocess
+def test_sigterm_stops_a_run_as_ctrl_c_does(small, tmp_path):
+    """`kill` (SIGTERM, as Kubernetes or a scheduler sends it) to `mdfer train` while its worker
+    trains: the run stops as after Ctrl-C -- "interrupted", exit 130, every process it started
+    gone -- rather than Ray's abort of the driver (`*** SIGTERM received`, exit 134)."""
+    raw = json.loads(json.dumps(small["raw"]))
+    raw["train"].update(workers=1, cpus_per_worker=1)
+    raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=2, patience=2)]
+    process, _, console = _train_in_background(small, tmp_path, "term", raw)
+    try:
+        deadline = time.time() + 600
+        while "stage1: lr " not in console.read_text():  # the worker has built its model
+            assert process.poll() is None, console.read_text()[-4000:]
+            assert time.time() < deadline, "the worker did not start\n" + console.read_text()[-4000:]
+            time.sleep(0.5)
+        started = _descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        process.wait(120)
+    finally:
+        _stop(process)
+    output = console.read_text()
+    assert process.returncode == 130, output[-4000:]
+    assert "mdfer train: interrupted" in output and "SIGTERM received" not in output
+    assert "stage1 epoch 2/2: loss" not in output  # stopped, not finished
+    deadline = time.time() + 60
+    while left := [pid for pid in started if _running(pid)]:
+        assert time.time() < deadline, f"left running: {[_cmdline(pid)[:80] for pid in left]}"
+        time.sleep(0.5)
+
+
+def _loads_tensorflow(pid: int) -> bool:
+    try:
+        return "libtensorflow" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it ended
+        return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 AUTOGRAPH_FILES = "__autograph_generated_file*.py"
