@@ -11,11 +11,10 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 
 from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG, load_config
-from mdfer.errors import ConfigError, MdferError, stop_on_sigterm
+from mdfer.errors import ConfigError, MdferError, signal_handler_kept, stop_on_sigterm
 from mdfer.logs import NORMAL, QUIET, VERBOSE, redact, setup_logging
 
 log = logging.getLogger("mdfer")
@@ -417,34 +416,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_file = setup_logging(VERBOSE if args.debug else args.verbosity, args.debug, args.command)
     handler = COMMANDS[args.command][0]
-    sigterm_before = signal.getsignal(signal.SIGTERM)
-    stop_on_sigterm()
-    try:
-        _check_ids(args)
-        return handler(args)
-    except MdferError as exc:
-        if args.debug:
-            raise
-        print(f"mdfer {args.command}: error: {redact(str(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mdfer {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug or an environment problem we did not foresee
-        if args.debug:
-            raise
-        if log_file:
-            import traceback
-            with open(log_file, "a", encoding="utf-8") as out:
-                out.write(redact(traceback.format_exc()))
-        details = f"the traceback is in {log_file}, or rerun with --debug" if log_file else "rerun with --debug for details"
-        print(f"mdfer {args.command}: unexpected error: {type(exc).__name__}: "
-              f"{redact(str(exc)).splitlines()[0] if str(exc) else ''} ({details})",
-              file=sys.stderr)
-        return 1
-    finally:  # as it was: main() also runs inside other programs (the tests)
-        if sigterm_before is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, sigterm_before)
+    with signal_handler_kept(signal.SIGTERM):  # put back after: main() also runs inside other programs
+        stop_on_sigterm()
+        try:
+            _check_ids(args)
+            return handler(args)
+        except MdferError as exc:
+            if args.debug:
+                raise
+            print(f"mdfer {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"mdfer {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # a bug or an environment problem we did not foresee
+            if args.debug:
+                raise
+            if log_file:
+                import traceback
+                with open(log_file, "a", encoding="utf-8") as out:
+                    out.write(redact(traceback.format_exc()))
+            details = (f"the traceback is in {log_file}, or rerun with --debug" if log_file
+                       else "rerun with --debug for details")
+            print(f"mdfer {args.command}: unexpected error: {type(exc).__name__}: "
+                  f"{redact(str(exc)).splitlines()[0] if str(exc) else ''} ({details})",
+                  file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -50,13 +50,15 @@ def _as_sigint(signum, frame) -> None:
 
 
 @contextmanager
-def sigint_handler_kept() -> Iterator[None]:
-    """Put back the SIGINT handler a block found: Ray Train's `fit()` installs its own and leaves it,
-    bound to the finished run's controller (read in Ray 2.60: Ctrl-C between two stages would then
-    abort a dead actor and end the command with `sys.exit(0)`, as if it had succeeded)."""
-    kept = signal.getsignal(signal.SIGINT)
+def signal_handler_kept(signum: int) -> Iterator[None]:
+    """Put back the handler of `signum` a block found, where a block leaves its own behind:
+    `mdfer.cli.main` (SIGTERM: main() also runs inside other programs, the tests) and Ray Train's
+    `fit()` (SIGINT: its handler stays bound to the finished run's controller; read in Ray 2.60:
+    Ctrl-C between two stages would then abort a dead actor and end the command with
+    `sys.exit(0)`, as if it had succeeded)."""
+    kept = signal.getsignal(signum)
     try:
         yield
     finally:
         if kept is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, kept)
+            signal.signal(signum, kept)

@@ -20,7 +20,7 @@ from ray.train.v2._internal.util import TrainingFramework
 
 
 class MultiWorkerTensorflow(BackendConfig):
-    """Use as the `backend_config` of a `ray.train.DataParallelTrainer`: what
+    """Use as the `backend_config` of Train V2's `DataParallelTrainer`: what
     `TensorflowTrainer` does with Ray's own config, importing nothing of TensorFlow."""
 
     @property

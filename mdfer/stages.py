@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import json
 import os
+import signal
 import socket
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from mdfer.config import Config
 from mdfer.console import WorkerConsole
-from mdfer.errors import MdferError, root_cause, sigint_handler_kept, stop_on_sigterm
+from mdfer.errors import MdferError, root_cause, signal_handler_kept, stop_on_sigterm
 from mdfer.ingest import load_manifest
 from mdfer.layout import (BEST_WEIGHTS_FILE, METRICS_FILE, STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR,
                           run_key, stage_key)
@@ -138,7 +139,7 @@ def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manif
                                                checkpoint_score_order="max")),
     )
     try:
-        with shown, sigint_handler_kept():
+        with shown, signal_handler_kept(signal.SIGINT):
             result = trainer.fit()
     except SystemExit as exc:  # how fit() ends after its SIGINT handler aborted the run (Ctrl-C or,
         raise KeyboardInterrupt from exc  # through mdfer.errors.stop_on_sigterm, SIGTERM): "interrupted"

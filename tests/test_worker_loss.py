@@ -1,6 +1,7 @@
 """A stage whose one worker is killed mid-way resumes from its last registered checkpoint
 (two workers losing a whole node: tests/test_nodes.py), printing only lines for people,
-opening no listener of its own and loading no TensorFlow in Ray Train's controller; `kill` to the driver stops a run as Ctrl-C does.
+opening no listener of its own and loading no TensorFlow in Ray Train's controller; `kill` to
+the driver stops a run as Ctrl-C does.
 
 `mdfer train` runs in a subprocess, which starts (and stops) its own local Ray.
 """
