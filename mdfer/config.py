@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mdfer import backbones
+from mdfer.backbones import KERAS_DROP_CONNECT_RATE
 from mdfer.errors import ConfigError
 
 DEFAULT_CONFIG = "default.yaml"
@@ -97,19 +99,16 @@ FIRST_RELEASE_OPTIONS = frozenset({
     "train.stages.frozen_fraction", "train.stages.loss_weights", "train.stages.lr", "train.stages.name",
     "train.stages.patience", "train.workers",
 })
-# EfficientNetV2B0's block groups (Keras's block1..block6) whose first block has stride 2
-STRIDE2_BLOCKS = (2, 3, 4, 6)
-# Keras's EfficientNetV2 stochastic depth (for ImageNet's 350 epochs): model.drop_connect_rate's default
-KERAS_DROP_CONNECT_RATE = 0.2
 
 
 @dataclass
 class ModelConfig:
+    backbone: str = backbones.DEFAULT_BACKBONE  # a name in mdfer.backbones.BACKBONES
     image_size: int = 64
-    weights: str = "none"  # none | imagenet | path or s3:// URI of a weights file
+    weights: str = "none"  # none | imagenet (where the backbone has it) | path or s3:// URI of a weights file
     dropout: float = 0.2
     inference_lowpass: int = 0  # 0 = off; odd w: evaluation and exports blur every input (3 passes of a w x w mean)
-    # backbone block groups (of STRIDE2_BLOCKS) whose first block runs at stride 1: larger feature
+    # backbone block groups (efficientnetv2b0 only: of its stride1_groups) whose first block runs at stride 1: larger feature
     # maps from there on, the same weights; e.g. [4] at 48 px gives 6x6 maps in blocks 4-5, 3x3 in 6
     stride1_blocks: list[int] = field(default_factory=list)
     # stochastic depth: the share of samples whose residual branch is dropped, rising linearly over
@@ -428,8 +427,14 @@ def validate(config: Config) -> None:
     need(model.inference_lowpass == 0 or (model.inference_lowpass % 2 == 1 and 3 <= model.inference_lowpass < model.image_size),
          "model.inference_lowpass", f"{model.inference_lowpass} is neither 0 (off) nor an odd width from 3 to below "
          f"model.image_size ({model.image_size})")
-    need(bool(model.weights), "model.weights", "use none, imagenet, or a path / s3:// URI")
-    _check_stride1(need, "model.stride1_blocks", model.stride1_blocks)
+    need(model.backbone in backbones.BACKBONES, "model.backbone",
+         f"{model.backbone!r} is not one of {', '.join(sorted(backbones.BACKBONES))}")
+    backbone = backbones.BACKBONES.get(model.backbone, backbones.V2B0)
+    named = sorted(backbone.named_weights)
+    need(bool(model.weights) and (model.weights.lower() not in ("imagenet",) or model.weights.lower() in named),
+         "model.weights", f"{model.weights!r}: use none, {' / '.join(named) + ', ' if named else ''}"
+         f"or a path / s3:// URI of a weights file")
+    _check_stride1(need, "model.stride1_blocks", model.stride1_blocks, backbone)
 
     stream = config.stream
     need(stream.batch_size >= 2, "stream.batch_size", "must be >= 2")
@@ -487,12 +492,15 @@ def validate(config: Config) -> None:
         for head, weight in stage.loss_weights.items():
             need(weight >= 0, f"{key}.loss_weights.{head}", f"{weight} must be >= 0")
         if stage.stride1_blocks is not None:
-            _check_stride1(need, f"{key}.stride1_blocks", stage.stride1_blocks)
+            _check_stride1(need, f"{key}.stride1_blocks", stage.stride1_blocks, backbone)
 
 
-def _check_stride1(need, key: str, blocks: list[int]) -> None:
-    need(all(b in STRIDE2_BLOCKS for b in blocks), key,
-         f"{blocks}: only block groups that downsample can run at stride 1: {list(STRIDE2_BLOCKS)}")
+def _check_stride1(need, key: str, blocks: list[int], backbone: backbones.Backbone) -> None:
+    if blocks and not backbone.stride1_groups:
+        need(False, key, f"{blocks}: {backbone.name} has no stride-1 option (leave it out)")
+        return
+    need(all(b in backbone.stride1_groups for b in blocks), key,
+         f"{blocks}: only block groups that downsample can run at stride 1: {list(backbone.stride1_groups)}")
     need(len(set(blocks)) == len(blocks), key, f"{blocks} names a block group twice")
 
 

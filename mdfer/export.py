@@ -132,12 +132,13 @@ def head_scores(probs: dict[str, np.ndarray], domain: np.ndarray, label: np.ndar
 
 
 def parity(model, folder: Path, images: np.ndarray, domain: np.ndarray, label: np.ndarray,
-           classes: dict[str, list[str]]) -> dict:
-    """Every exported format against the Keras model on the same test images."""
+           classes: dict[str, list[str]], backbone: str) -> dict:
+    """Every exported format against the Keras model on the same test images (`backbone`: whose
+    normalization the Hailo TFLite expects done before it)."""
     from mdfer.model import preprocess_constants
     from mdfer.predict import KerasRunner
     reference = {k: np.asarray(v) for k, v in model(images, training=False).items()}
-    mean, std = preprocess_constants()
+    mean, std = preprocess_constants(backbone)
     normalized = (images - np.array(mean, np.float32)) / np.array(std, np.float32)
     probs = {
         KERAS_FILE: KerasRunner(str(folder / KERAS_FILE))(images),
@@ -262,7 +263,7 @@ def write_formats(model, config: Config, store: Store, dataset: dict, out: Path,
     log.info("export: ONNX (opset %d)", ONNX_OPSET)
     onnx_from_tflite(str(out / TFLITE_FLOAT32), str(out / ONNX_FILE))
 
-    mean, std = preprocess_constants()
+    mean, std = preprocess_constants(config.model.backbone)
     np.save(out / HAILO_DIR / HAILO_CALIB_FILE, calib)
     (out / HAILO_DIR / HAILO_SCRIPT_FILE).write_text(hailo.model_script(mean, std))
     shutil.copy(hailo.COMPILE_SCRIPT, out / HAILO_DIR / hailo.COMPILE_SCRIPT.name)
@@ -279,7 +280,8 @@ def _checked_parity(model, out: Path, store: Store, dataset: dict, config: Confi
     stops the export before anything reaches the store."""
     log.info("export: parity on up to %s test images", config.export.parity_images or "all")
     checks = parity(model, out, *split_images(store, dataset, "test", config.model.image_size,
-                                              config.export.parity_images), config.classes())
+                                              config.export.parity_images), config.classes(),
+                    config.model.backbone)
     broken = [name for name, entry in checks["formats"].items() if entry.get("ok") is False]
     if broken:
         raise MdferError(f"export parity failed for {', '.join(broken)}: max |diff| "

