@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from mdfer.config import AugmentConfig, Config, load_config
+from mdfer.dataset import DatasetManifest
 from mdfer.ingest import prepare
 from mdfer.storage import Store
 
@@ -138,7 +139,7 @@ def stream_result(name: str, timeline: Timeline, warmup: int, batches: int, ceil
 # ---------------------------------------------------------------- profile
 
 
-def profile_decode(store: Store, manifest: dict, config: Config, rows: int = 512) -> dict[str, float]:
+def profile_decode(store: Store, manifest: DatasetManifest, config: Config, rows: int = 512) -> dict[str, float]:
     """CPU microseconds per image, one thread, of the stream's batch functions and their parts:
     says whether JPEG decoding, augmentation or Ray's own overhead limits the stream. CPU time,
     not wall time, so other processes on the machine do not inflate it."""
@@ -147,11 +148,9 @@ def profile_decode(store: Store, manifest: dict, config: Config, rows: int = 512
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from mdfer.layout import dataset_key
     from mdfer.images import AugmentBatch, DecodeBatch, augment_image, decode_image
 
-    shard = manifest["shards"]["train"][0]["file"]
-    table = pq.read_table(store.path(f"{dataset_key(manifest['dataset_id'])}/{shard}"),
+    table = pq.read_table(store.path(manifest.shard_keys("train")[0]),
                           columns=["image", "domain_index", "label"]).slice(0, rows)
     batch = {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
     size, aug = config.model.image_size, config.stream.augment
@@ -253,7 +252,7 @@ class RayStream:
     decodes and materializes), then one `iter_train_batches` pass per epoch with the config's
     shuffle buffer. Epochs run to their end so Ray Data shuts each execution down cleanly."""
 
-    def __init__(self, store: Store, manifest: dict, config: Config):
+    def __init__(self, store: Store, manifest: DatasetManifest, config: Config):
         from mdfer.stream import plan_epoch, train_datasets
 
         self.config = config
@@ -382,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             report = Report(settings={
                 "data": source, "image_size": size, "batch_size": batch, "batches": batches,
                 "warmup": warmup, "train_steps": args.train_steps, "cores": args.cores,
-                "train_rows": sum(manifest["counts"][DOMAIN]["train"].values()),
+                "train_rows": manifest.split_sizes("train")[DOMAIN],
                 "augment": dataclasses.asdict(config.stream.augment),
                 "shuffle_buffer": config.stream.shuffle_buffer, "load_start": load_start},
                 phases_s=phases.seconds)

@@ -2,9 +2,10 @@
 
     python benchmarks/export_latency.py --store STORE --run-id RUN [--images 300] [--threads 1]
 
-Measures the Keras model and the float32, optimized (dynamic-range) and int8 TFLite files of
-`<store>/runs/<run>/export/` on the same test images of the run's dataset, one image at a time
-(the way a camera loop on the Pi calls them), after a warm-up. Prints the ratios against the
+Measures every format of `<store>/runs/<run>/export/` that takes camera pixels (mdfer.formats:
+the Keras model, the float32, optimized (dynamic-range) and int8 TFLite files, ONNX) on the same
+test images of the run's dataset, one image at a time (the way a camera loop on the Pi calls
+them), each through its own runner, after a warm-up. Prints the ratios against the
 float32 TFLite. Goal (issue 5): int8 >= 2x faster than float32 at <= 30% of its size, with
 macro-F1 within 1 point.
 """
@@ -21,21 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from mdfer.export import head_scores, split_images
-from mdfer.layout import EXPORT_DIR, KERAS_FILE, TFLITE_FLOAT32, TFLITE_INT8, TFLITE_OPTIMIZED, source_prefix
-from mdfer.ingest import load_manifest
-from mdfer.predict import open_model
+from mdfer.dataset import read_manifest, split_images
+from mdfer.export import head_scores
+from mdfer.formats import FORMATS, Format
+from mdfer.layout import EXPORT_DIR, TFLITE_FLOAT32, TFLITE_INT8, source_prefix
 from mdfer.storage import Store
 
-MODELS = (KERAS_FILE, TFLITE_FLOAT32, TFLITE_OPTIMIZED, TFLITE_INT8)
+MODELS = tuple(f for f in FORMATS if not f.normalized_input)  # the Hailo TFLite is the compiler's input
 WARMUP = 20
 COLUMNS = (harness.Column("model", 41, "<"), harness.Column("median ms", 10), harness.Column("p90 ms", 9),
            harness.Column("MB", 8), harness.Column("macro-F1", 10), harness.Column("speed vs f32", 14),
            harness.Column("size vs f32", 13), harness.Column("F1 - f32", 10))
 
 
-def measure(path: str, images: np.ndarray, threads: int) -> tuple[list[float], dict[str, np.ndarray]]:
-    runner = open_model(path, num_threads=threads) if path.endswith(".tflite") else open_model(path)
+def measure(fmt: Format, folder: Path, images: np.ndarray, threads: int) -> tuple[list[float], dict[str, np.ndarray]]:
+    runner = fmt.open(folder, threads)
     for image in images[:WARMUP]:
         runner(image[None])
     seconds, outputs = [], []
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-id")
     parser.add_argument("--sweep-id")
     parser.add_argument("--images", type=int, default=300, help="test images (batch 1 each)")
-    parser.add_argument("--threads", type=int, default=1, help="TFLite interpreter threads")
+    parser.add_argument("--threads", type=int, default=1, help="TFLite interpreter and ONNX Runtime threads")
     return parser.parse_args(argv)
 
 
@@ -64,20 +65,20 @@ def main(argv: list[str] | None = None) -> None:
     prefix = source_prefix(args.run_id, args.sweep_id)
     manifest = store.read_json(f"{prefix}/{EXPORT_DIR}/manifest.json")
     folder = Path(store.path(f"{prefix}/{EXPORT_DIR}"))  # a local store; fetch an s3 export first
-    dataset = load_manifest(store, manifest["dataset_id"])
-    classes = {name: domain["classes"] for name, domain in dataset["domains"].items()}
+    dataset = read_manifest(store, manifest["dataset_id"])
+    classes = dataset.classes()
     images, domain, label = split_images(store, dataset, "test", manifest["image_size"], args.images)
     images = images.astype(np.float32)
 
     report = harness.Report(settings={
         "store": args.store, "source": prefix, "images": len(images), "threads": args.threads,
         "image_size": manifest["image_size"], "load_start": harness.wait_for_quiet(args.max_load, args.max_wait)})
-    for name in MODELS:
-        seconds, probs = measure(str(folder / name), images, args.threads)
-        report.results[name] = {"ms": 1000 * statistics.median(seconds),
-                                "p90": 1000 * float(np.percentile(seconds, 90)),
-                                "mb": manifest["files"][name]["size"] / 1e6,
-                                "f1": head_scores(probs, domain, label, classes)["macro_f1"]}
+    for fmt in MODELS:
+        seconds, probs = measure(fmt, folder, images, args.threads)
+        report.results[fmt.file] = {"ms": 1000 * statistics.median(seconds),
+                                    "p90": 1000 * float(np.percentile(seconds, 90)),
+                                    "mb": manifest["files"][fmt.file]["size"] / 1e6,
+                                    "f1": head_scores(probs, domain, label, classes)["macro_f1"]}
     base, int8 = report.results[TFLITE_FLOAT32], report.results[TFLITE_INT8]
     report.ratios = {"int8 speed / float32  [goal >= 2]": base["ms"] / int8["ms"],
                      "int8 size / float32  [goal <= 0.30]": int8["mb"] / base["mb"],

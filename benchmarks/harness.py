@@ -32,6 +32,7 @@ import yaml
 
 if TYPE_CHECKING:
     from mdfer.config import Config
+    from mdfer.dataset import DatasetManifest
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "mdfer" / "configs" / "default.yaml"
 FER = "fer2013"
@@ -212,7 +213,7 @@ def write_config(raw: dict[str, Any], path: Path) -> Path:
 # ---------------------------------------------------------------- the plain alternative
 
 
-def plain_train_step(config: Config, manifest: dict, global_batch: int, stage_index: int = 0,
+def plain_train_step(config: Config, manifest: DatasetManifest, global_batch: int, stage_index: int = 0,
                      frozen_fraction: float | None = None) -> Callable[[dict[str, np.ndarray]], float]:
     """The training step of one process without Ray, set up as the set-up part of
     `mdfer.train_loop.train_stage` does it (seed, strategy, model, frozen share, optimizer, class

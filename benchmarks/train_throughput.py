@@ -9,6 +9,9 @@ One run, on the same prepared shards, image size, global batch and stage setting
       (--precisions: float32, mixed_bfloat16), each against (a): what a resolution costs per image;
   (stride1-<groups>) the same plain loop with other backbone block groups at stride 1 (--stride1,
       model.stride1_blocks), each against (a): larger feature maps at the same input size;
+  (<backbone>-s<size>) the same plain loop on another backbone (--backbones, model.backbone) at
+      --image-size and each of --sizes, each against (a): e.g. EfficientNet-Lite0 at 48/64/96/112 px
+      beside EfficientNetV2B0 at 48 px (random weights: the speed does not depend on them);
   (a/2) diagnostic: the same plain loop at half the global batch, i.e. what each worker of (c)
       computes per step, so the cost of a smaller per-worker batch is apart from Ray's;
   (b) Ray Train, 1 worker x 1 thread, through mdfer's own code path (`mdfer.stages.fit_stage`:
@@ -51,6 +54,7 @@ import yaml
 
 if TYPE_CHECKING:
     from mdfer.config import Config
+    from mdfer.dataset import DatasetManifest
     from mdfer.storage import Store
 
 PRECISION_ENV = "MDFER_BENCH_PRECISION"  # a Keras dtype policy for the plain loop
@@ -69,6 +73,7 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # extra environment of its subprocess
     image_size: int | None = None  # None: --image-size
     stride1_blocks: tuple[int, ...] | None = None  # None: the config's model.stride1_blocks
+    backbone: str | None = None  # None: the config's model.backbone
 
 
 @dataclass
@@ -121,6 +126,10 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
     raw["model"]["image_size"] = variant.image_size or args.image_size
     if variant.stride1_blocks is not None:
         raw["model"]["stride1_blocks"] = list(variant.stride1_blocks)
+    if variant.backbone is not None:  # its own options only: no stride-1 groups, weights by name
+        raw["model"].update(backbone=variant.backbone, weights="none", stride1_blocks=[])
+        for stage in raw["train"]["stages"]:
+            stage.pop("stride1_blocks", None)
     raw["stream"]["batch_size"] = variant.batch_size
     if args.no_augment:
         raw["stream"]["augment"] = {"flip": False, "max_shift": 0.0, "max_rotation_deg": 0.0,
@@ -139,10 +148,10 @@ def write_config(path: Path, roots: dict[str, str], variant: Variant, args: argp
 # ---------------------------------------------------------------- the plain loop (child process)
 
 
-def decoded_train_rows(store: Store, manifest: dict, config: Config) -> dict[str, dict[str, np.ndarray]]:
+def decoded_train_rows(store: Store, manifest: DatasetManifest, config: Config) -> dict[str, dict[str, np.ndarray]]:
     """Every train image of each dataset decoded once, as the stream decodes it (DecodeBatch,
-    through mdfer.ingest.iter_split)."""
-    from mdfer.ingest import iter_split
+    through mdfer.dataset.iter_split)."""
+    from mdfer.dataset import iter_split
     from mdfer.stream import BATCH_KEYS
 
     parts = list(iter_split(store, manifest, "train", config.model.image_size))
@@ -157,7 +166,7 @@ def epoch_indices(n: int, needed: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(passes)[:needed]
 
 
-def run_plain(config: Config, store: Store, manifest: dict) -> Measured:
+def run_plain(config: Config, store: Store, manifest: DatasetManifest) -> Measured:
     """Variant (a): the training step with data that costs nothing, the ceiling Ray Train aims at.
     Mirrors mdfer.train_loop.train_stage on one worker: its thread limits and set-up
     (harness.plain_train_step), its epoch loop and per-epoch numbers; not its Ray Data stream,
@@ -214,9 +223,9 @@ def ray_history(result: Any) -> tuple[list[dict], str]:
     in_frame = sorted(int(e) for e in frame["epoch"]) if frame is not None and not frame.empty else []
     history: list[dict] = []
     if result.checkpoint is not None:
-        from mdfer.train_loop import STATE_FILE
+        from mdfer.layout import CHECKPOINT_STATE_FILE
         with result.checkpoint.as_directory() as folder:
-            history = json.loads((Path(folder) / STATE_FILE).read_text()).get("history", [])
+            history = json.loads((Path(folder) / CHECKPOINT_STATE_FILE).read_text()).get("history", [])
     source = "latest checkpoint's state.json"
     if not history and in_frame:
         history = frame.sort_values("epoch").to_dict("records")
@@ -224,7 +233,7 @@ def ray_history(result: Any) -> tuple[list[dict], str]:
     return history, f"history from {source}; metrics_dataframe had epochs {in_frame}"
 
 
-def run_ray(config: Config, store: Store, manifest: dict, cores: int) -> Measured:
+def run_ray(config: Config, store: Store, manifest: DatasetManifest, cores: int) -> Measured:
     """Variants (b) and (c): one stage through mdfer's own `fit_stage` on a private Ray."""
     import ray
 
@@ -254,13 +263,13 @@ def run_ray(config: Config, store: Store, manifest: dict, cores: int) -> Measure
 def child_main(args: argparse.Namespace) -> int:
     """One configuration in this process; the result goes to --result as JSON."""
     from mdfer.config import load_config
-    from mdfer.ingest import load_manifest
+    from mdfer.dataset import read_manifest
     from mdfer.storage import Store
 
     process_started = time.perf_counter()
     config = load_config(args.child_config)
     store = Store(str(args.work / "store"))
-    manifest = load_manifest(store, args.dataset_id)
+    manifest = read_manifest(store, args.dataset_id)
     load_start, cpu_start = os.getloadavg()[0], cpu_times()
     if args.child == "plain":
         measured = run_plain(config, store, manifest)
@@ -350,6 +359,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         out.append(Variant(f"stride1-{'-'.join(map(str, blocks)) or 'none'}",
                            f"(stride1) plain TF loop, groups {list(blocks)} at stride 1", 0, cpus, batch,
                            stride1_blocks=blocks))
+    for backbone in args.backbones:
+        for size in dict.fromkeys([args.image_size, *args.sizes]):
+            out.append(Variant(f"{backbone}-s{size}", f"(bb) plain TF loop, {backbone}, {size} px", 0, cpus, batch,
+                               image_size=size, backbone=backbone))
     if not args.skip_half_batch:
         out.append(Variant("plain_half", f"(a/2) plain TF loop, batch {batch // 2} (diagnostic)", 0, 1.0, batch // 2))
     threads = intra_op_threads(args.cpus_1worker)
@@ -359,7 +372,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out.append(Variant("ray1_spin", "(b0) as (b), Ray Data's idle loop left spinning", 1, args.cpus_1worker, batch,
                        env={IDLE_BACKOFF_ENV: "0"}))
     out.append(Variant("ray2", "(c) Ray Train, 2 workers x 1 thread (cpus 0.5 each)", 2, 0.5, batch))
-    def group(key: str) -> str:  # --only names the --sizes and --stride1 variants as groups
+    def group(key: str) -> str:  # --only names the --sizes, --stride1 and --backbones variants as groups
+        if any(key.startswith(f"{b}-s") for b in args.backbones):
+            return "backbones"
         return "stride1" if key.startswith("stride1-") else "sizes" if key[0] == "s" and key[1].isdigit() else key
     return [v for v in out if not args.only or group(v.key) in args.only]
 
@@ -383,6 +398,10 @@ def add_ratios(report: harness.Report) -> None:
     for key in (k for k in got if k.startswith("s") and k[1].isdigit()):
         ratios[f"({key}) / (a): img/s at {key[1:].replace('-', ' px, ')} vs {report.settings['image_size']} px float32"] = \
             r(key) / r("plain")
+    for key in (k for k in got if "-s" in k and not k.startswith("stride1-") and k[0] != "s"):
+        backbone, size = key.rsplit("-s", 1)
+        ratios[f"({key}) / (a): img/s of {backbone} at {size} px vs the config's backbone at "
+               f"{report.settings['image_size']} px"] = r(key) / r("plain")
     if {"plain_half", "plain"} <= got.keys():
         ratios["(a/2) / (a): per-image speed at the per-worker batch of (c)"] = r("plain_half") / r("plain")
     if {"ray2", "plain_half"} <= got.keys():
@@ -456,7 +475,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time the plain loop with these backbone block groups at stride 1, "
                              "each a comma list or 'none' (e.g. --stride1 none 6 4): against (a), which "
                              "uses the config's model.stride1_blocks")
-    parser.add_argument("--only", nargs="+", choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2", "sizes", "stride1"),
+    parser.add_argument("--backbones", nargs="*", default=[], metavar="NAME",
+                        help="also time the plain loop on these backbones (mdfer.backbones) at --image-size "
+                             "and each of --sizes, against (a): the config's backbone at --image-size")
+    parser.add_argument("--only", nargs="+",
+                        choices=("plain", "plain_half", "ray1", "ray1_spin", "ray2", "sizes", "stride1", "backbones"),
                         help="run only these configurations (to debug one)")
     parser.add_argument("--timeout", type=float, default=480, help="seconds per configuration at most")
     # one configuration in a subprocess (internal)
@@ -512,12 +535,12 @@ def measure(args: argparse.Namespace, work: Path, phases: harness.Phases) -> har
         "epochs": args.epochs, "frozen_fraction": args.frozen_fraction, "no_augment": args.no_augment,
         "cores": args.cores, "cpus_1worker": args.cpus_1worker, "load_start": load,
         "stride1_blocks": stride1_label(args.config),
-        "train_rows": sum(sum(c["train"].values()) for c in manifest["counts"].values()),
-        "dataset_id": manifest["dataset_id"]}, phases_s=phases.seconds)
+        "train_rows": sum(manifest.split_sizes("train").values()),
+        "dataset_id": manifest.dataset_id}, phases_s=phases.seconds)
     args.work = work  # the children's --work
     for variant in todo:
         print(f"{variant.name} ...", flush=True)
-        report.results[variant.key] = run_child(variant, paths[variant.key], args, manifest["dataset_id"])
+        report.results[variant.key] = run_child(variant, paths[variant.key], args, manifest.dataset_id)
         phases.lap(variant.key)
     return report
 

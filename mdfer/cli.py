@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 from mdfer.config import DEFAULT_CONFIG, DEMO_CONFIG, load_config
-from mdfer.errors import ConfigError, MdferError, signal_handler_kept, stop_on_sigterm
+from mdfer.errors import TRAIN_EXTRA, ConfigError, MdferError, signal_handler_kept, stop_on_sigterm
 from mdfer.logs import NORMAL, QUIET, VERBOSE, redact, setup_logging
 
 log = logging.getLogger("mdfer")
@@ -56,10 +56,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def _config_args(p: argparse.ArgumentParser, embedded: str = DEFAULT_CONFIG) -> None:
     p.add_argument("--config", help=f"YAML config (default: the embedded {embedded}, mdfer/configs/{embedded})")
+    _set_arg(p)
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
                    help="root folder or s3:// prefix of dataset NAME (repeatable)")
+
+
+def _set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one config option, checked as the file is: a dotted key, list items by number, "
+                        "a YAML value (train.stages.0.epochs=3, model.stride1_blocks=[4]); repeatable")
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -80,7 +97,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, embedded: str = DEFAULT_CONFIG):
     from mdfer.config import parse_name_paths
-    return load_config(args.config, parse_name_paths(args.data_root), embedded)
+    overrides = list(args.set)
+    if getattr(args, "workers", None):
+        overrides.append(f"train.workers={args.workers}")
+    return load_config(args.config, parse_name_paths(args.data_root), embedded, overrides)
 
 
 # ---------------------------------------------------------------- commands
@@ -94,13 +114,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mdfer.ingest import dataset_summary_lines, prepare
+    from mdfer.ingest import prepare
     from mdfer.storage import Store
     manifest = prepare(_load(args), Store(args.store))
-    for line in dataset_summary_lines(manifest):
+    for line in manifest.summary_lines():
         print(line)
-    state = "already complete, nothing written" if manifest["skipped"] else "written"
-    print(f"{args.store}/datasets/{manifest['dataset_id']}: {state}")
+    state = "already complete, nothing written" if manifest.skipped else "written"
+    print(f"{args.store}/datasets/{manifest.dataset_id}: {state}")
     return 0
 
 
@@ -108,8 +128,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mdfer.stages import train_run
     from mdfer.storage import Store
     config = _load(args)
-    if args.workers:
-        config.train.workers = args.workers
     summary = train_run(config, Store(args.store), args.run_id, args.dataset_id, args.address)
     print(json.dumps({k: summary[k] for k in ("run_id", "dataset_id", "final_stage", "val_macro_f1")}, indent=2))
     return 0
@@ -148,8 +166,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--weights is for --run-id; an exported model carries its weights")
     if args.run_id and args.config:
         raise ConfigError("--config is for --model; a run is scored with its own config")
+    if args.set and not args.config:
+        raise ConfigError("--set changes the --config file's options; it goes with --config")
     if args.model:
-        config = load_config(args.config) if args.config else None
+        config = load_config(args.config, overrides=args.set) if args.config else None
         result = evaluate_model_file(store, args.model, data, config, args.flip_tta)
     elif data:
         result = evaluate_run_on_folders(store, args.run_id, data, args.weights, args.flip_tta)
@@ -195,16 +215,14 @@ def _synthetic_roots(config, data_dir: str, per_class: int) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    import hashlib
     import time
-
-    import yaml
 
     from mdfer.evaluate import evaluate_run
     from mdfer.export import export_run
     from mdfer.export import export_summary_lines
-    from mdfer.ingest import dataset_summary_lines, prepare
+    from mdfer.ingest import prepare
     from mdfer.layout import CURVES_FILE, METRICS_FILE, confusion_file, export_key, run_key
+    from mdfer.runs import derived_run_id
     from mdfer.stages import check_store_shared, ensure_ray, train_run
     from mdfer.storage import Store
     started = time.perf_counter()
@@ -214,17 +232,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.address or os.environ.get("RAY_ADDRESS"):  # a cluster's nodes must all see the store
         ensure_ray(args.address)
         check_store_shared(store)
-    if args.config is None and not args.data_root:
+    if args.config is None and not any(d.root for d in config.data.domains):  # no --data-root, no --set of a root
         _synthetic_roots(config, args.data_dir, args.synth_per_class)
     manifest = prepare(config, store)
-    for line in dataset_summary_lines(manifest):
+    for line in manifest.summary_lines():
         print(line)
-    identity = yaml.safe_dump(config.identity(), sort_keys=True) + manifest["dataset_id"]
-    run_id = args.run_id or f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
-    train_run(config, store, run_id, manifest["dataset_id"], args.address)
+    run_id = args.run_id or derived_run_id(config, manifest.dataset_id)
+    train_run(config, store, run_id, manifest.dataset_id, args.address)
     result = evaluate_run(store, run_id, "test")
     exported = export_run(store, run_key(run_id), args.require_hef, args.hailo_python)
-    print(f"\nrun {run_id} on dataset {manifest['dataset_id']}, test split:")
+    print(f"\nrun {run_id} on dataset {manifest.dataset_id}, test split:")
     _print_headline(result)
     print(f"\nreport: {result['report']}/ ({METRICS_FILE}, {confusion_file('*')}, {CURVES_FILE})")
     print(f"export: {store.key_uri(export_key(run_key(run_id)))}/")
@@ -249,18 +266,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """A line per image (its top class and probability per head), or with --json every
-    probability; an image that cannot be read is one line on stderr (and its JSON entry says
-    why), the others are predicted, and the exit code is 2."""
+    """A line per image, or with --detect-faces per face (its box), with its top class and
+    probability per head; with --json every probability. An input with no prediction (not
+    readable, a link not followed, no face found) is one line on stderr (and its JSON entry
+    says why), the others are predicted, and the exit code is 2."""
+    from mdfer.faces import FACE_MARGIN, MIN_FACE, FaceDetector
     from mdfer.predict import predict_files
-    results = predict_files(args.model, args.images)
+    if not args.detect_faces and (args.min_face is not None or args.face_margin is not None):
+        raise ConfigError("--min-face and --face-margin go with --detect-faces")
+    if args.annotate_head and not args.annotate:
+        raise ConfigError("--annotate-head goes with --annotate OUT_DIR")
+    detector = FaceDetector(args.min_face or MIN_FACE) if args.detect_faces else None
+    margin = FACE_MARGIN if args.face_margin is None else args.face_margin
+    results = predict_files(args.model, args.images, detector, margin, args.annotate, args.annotate_head)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for row in results:
             tops = "  ".join(f"{head} {entry['top']} {entry['probabilities'][entry['top']]:.2f}"
                              for head, entry in row.get("heads", {}).items())
-            print(f"{row['image']}: {tops or 'not predicted (see the error)'}")
+            face = " face {} at {},{} {}x{}".format(row["face"], *row["box"]) if "box" in row else ""
+            print(f"{row['image']}{face}: {tops or 'not predicted (see the error)'}")
+        annotated = {row["annotated"] for row in results if "annotated" in row}
+        if annotated:
+            print(f"annotated: {len(annotated)} PNG{'s' * (len(annotated) > 1)} in {args.annotate}/")
     failed = [row for row in results if "error" in row]
     for row in failed:
         print(f"mdfer predict: error: {redact(row['error'])}", file=sys.stderr)
@@ -303,6 +332,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from mdfer import __version__
+    from mdfer.faces import FACE_MARGIN, MIN_FACE
     parser = _Parser(prog="mdfer", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mdfer {__version__}")
     common = _Parser(add_help=False)  # also accepted after the command: `mdfer train ... --debug`
@@ -334,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     p.add_argument("--dataset-id", required=True, help="a prepared dataset in the store (see prepare)")
     p.add_argument("--run-id", required=True, help="names the run; rerun the same id to resume")
-    p.add_argument("--workers", type=_positive_int, help="Ray Train workers (overrides train.workers)")
+    p.add_argument("--workers", type=_positive_int, help="Ray Train workers (the same as --set train.workers=N)")
     _address_arg(p)
 
     p = parsers["tune"]
@@ -356,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model, instead of a split of the run's dataset; repeatable")
     p.add_argument("--config", help="with --model: a config whose folder maps name the class folders "
                                     "(default: folders named like the classes, any case)")
+    _set_arg(p)
     p.add_argument("--flip-tta", action="store_true",
                    help="test-time augmentation: average each image's and its mirror image's probabilities")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split of the run's dataset to score")
@@ -385,6 +416,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, gray or RGB) or folders of them")
     p.add_argument("--model", required=True, help="an exported .keras, .tflite or .onnx file")
     p.add_argument("--json", action="store_true", help="JSON: every head's probabilities per image, instead of the table")
+    p.add_argument("--detect-faces", action="store_true",
+                   help='find the faces in each photo first (OpenCV\'s Haar cascade: pip install "mdfer[faces]") '
+                        "and predict each face's square crop: a line (a JSON object) per face with its box")
+    p.add_argument("--min-face", type=_positive_int, metavar="PX",
+                   help=f"with --detect-faces: the smallest face side searched for, in the photo's pixels "
+                        f"(default: {MIN_FACE})")
+    p.add_argument("--face-margin", type=_fraction, metavar="FRACTION",
+                   help=f"with --detect-faces: the crop is the square on the detected box, grown on each side "
+                        f"by this share of its side (default: {FACE_MARGIN})")
+    p.add_argument("--annotate", metavar="OUT_DIR",
+                   help="write each photo as OUT_DIR/<name>.png with its faces (with --detect-faces) or its "
+                        "whole image boxed and labelled with a top class and probability")
+    p.add_argument("--annotate-head", metavar="HEAD",
+                   help="the head whose top class labels the boxes (default: the model's first dataset head)")
 
     actions = parsers["artifacts"].add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("list", "print each exported file with size and sha256, and the .hef status"),
@@ -411,6 +456,19 @@ def _check_ids(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{option.replace('_', '-')} {value!r}: use {FOLDER_NAME_RULE} characters")
 
 
+LIGHT_COMMANDS = ("synth", "predict")  # what `pip install mdfer` runs (predict: .tflite models)
+TRAINING_STACK = ("ray", "tensorflow", "pyarrow", "boto3")  # the train extra's modules that mdfer imports first
+
+
+def _check_training_stack(command: str) -> None:
+    """In the light install, a command of the training stack says which extra to install,
+    before an import deep inside it fails with a traceback."""
+    import importlib.util
+    missing = [] if command in LIGHT_COMMANDS else [m for m in TRAINING_STACK if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MdferError(f"needs the training stack ({', '.join(missing)} not installed): {TRAIN_EXTRA}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -419,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     with signal_handler_kept(signal.SIGTERM):  # put back after: main() also runs inside other programs
         stop_on_sigterm()
         try:
+            _check_training_stack(args.command)
             _check_ids(args)
             return handler(args)
         except MdferError as exc:

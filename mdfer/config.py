@@ -7,6 +7,7 @@ slot. Datasets ("domains") live here, not in code: a new dataset is a new list e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -279,8 +280,9 @@ def read_yaml(data: bytes | str, source: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, data_roots: dict[str, str] | None = None,
-                embedded: str = DEFAULT_CONFIG) -> Config:
-    """Load and validate a config file (None: the `embedded` one); `data_roots` overrides roots."""
+                embedded: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config file (None: the `embedded` one); `overrides`: `--set KEY=VALUE`
+    items (see `apply_overrides`); `data_roots` overrides roots."""
     if path is None:
         data = resources.files("mdfer.configs").joinpath(embedded).read_bytes()
         source = f"<embedded {embedded}>"
@@ -290,7 +292,11 @@ def load_config(path: str | Path | None = None, data_roots: dict[str, str] | Non
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         data, source, base_dir = path.read_bytes(), str(path), path.parent
-    config = config_from_dict(read_yaml(data, source), source)
+    raw = read_yaml(data, source)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} with --set {', '.join(item.partition('=')[0] for item in overrides)}"
+    config = config_from_dict(raw, source)
     for name, root in (data_roots or {}).items():
         if name not in config.domain_names():
             raise ConfigError(f"--data-root {name}=...: no dataset named {name!r} in {source} "
@@ -306,6 +312,72 @@ def load_config(path: str | Path | None = None, data_roots: dict[str, str] | Non
     return config
 
 
+def apply_overrides(raw: Any, overrides: list[str]) -> Any:
+    """`--set KEY=VALUE` items applied in order to a config file's YAML data, before it is typed
+    and validated, so a value from the command line is checked exactly as the file's would be
+    (and a run records it in its config.yaml). KEY is a dotted path of the config's options, list
+    items by number (`train.stages.0.epochs`); VALUE is YAML (`3`, `cosine`, `[4]`,
+    `{fer2013: 0.5, fane: 0.5}`). A KEY that names no option is an error naming it."""
+    keys: set[str] = set()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.stages.0.epochs=3)")
+        if key in keys:
+            raise ConfigError(f"--set {key}: given twice")
+        keys.add(key)
+        _set_option(raw, key, read_yaml(text, f"--set {key}"))
+    return raw
+
+
+def _set_option(raw: Any, key: str, value: Any) -> None:
+    """Put `value` at the dotted `key` of `raw`, walking the Config schema beside the data: a
+    missing mapping on the way is created (the option's default gets a value); where the file
+    holds something of the wrong kind, nothing is set and validation names the file's mistake."""
+    parts = key.split(".")
+    node, kind = raw, Config
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        kind = _without_none(kind)
+        origin = typing.get_origin(kind)
+        if dataclasses.is_dataclass(kind):
+            names = sorted(f.name for f in dataclasses.fields(kind) if f.name != "source")
+            if part not in names:
+                raise ConfigError(f"--set {key}: unknown key {_join(where, part)} (allowed: {', '.join(names)})")
+            slot, child = part, _hints(kind)[part]
+        elif origin is dict:
+            slot, child = part, typing.get_args(kind)[1]
+        elif origin is list:
+            if not part.isdigit():
+                raise ConfigError(f"--set {key}: {where} is a list: {part!r} is not an item number")
+            slot, child = int(part), typing.get_args(kind)[0]
+            if isinstance(node, list) and slot >= len(node):
+                raise ConfigError(f"--set {key}: {where} has {len(node)} item(s), no item {slot}")
+        else:
+            raise ConfigError(f"--set {key}: {where} is a single value, with no key {part!r}")
+        if not isinstance(node, list if origin is list else dict):
+            return  # the file holds the wrong kind here: config_from_dict says so, naming the file
+        if depth == len(parts) - 1:
+            node[slot] = value
+            return
+        if isinstance(node, dict) and node.get(slot) is None:
+            node[slot] = [] if typing.get_origin(_without_none(child)) is list else {}
+        node, kind = node[slot], child
+
+
+@functools.cache
+def _hints(kind: type) -> dict[str, Any]:
+    """A dataclass's field types (resolved once: a dataset manifest holds thousands of entries)."""
+    return typing.get_type_hints(kind)
+
+
+def _without_none(kind: Any) -> Any:
+    """`X | None` -> X; anything else as it is."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return next(o for o in typing.get_args(kind) if o is not type(None))
+    return kind
+
+
 def config_from_dict(raw: Any, source: str) -> Config:
     config = build_typed(Config, raw, "", source)
     config.source = source
@@ -314,13 +386,16 @@ def config_from_dict(raw: Any, source: str) -> Config:
 
 
 def build_typed(kind: Any, value: Any, key: str, source: str) -> Any:
-    """Turn YAML data into `kind`, rejecting unknown keys and wrong types by dotted key."""
+    """Turn YAML (or JSON) data into `kind`, rejecting unknown keys and wrong types by dotted key
+    (`Any`: taken as it is)."""
     where = key or "<top level>"
     origin = typing.get_origin(kind)
+    if kind is Any:
+        return value
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(value)}")
-        hints = typing.get_type_hints(kind)
+        hints = _hints(kind)
         known = {f.name for f in dataclasses.fields(kind) if f.name != "source"}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -335,11 +410,9 @@ def build_typed(kind: Any, value: Any, key: str, source: str) -> Any:
             args[f.name] = build_typed(hints[f.name], value[f.name], _join(key, f.name), source)
         return kind(**args)
     if origin in (types.UnionType, typing.Union):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
+        if value is None and type(None) in typing.get_args(kind):
             return None
-        inner = next(o for o in options if o is not type(None))
-        return build_typed(inner, value, key, source)
+        return build_typed(_without_none(kind), value, key, source)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {where}: expected a list, got {_kind(value)}")

@@ -22,6 +22,10 @@ class DataError(MdferError):
     """A dataset or the store holds something unusable; the message names the path."""
 
 
+# `pip install mdfer` runs .tflite models; everything else needs the training stack, and says so
+TRAIN_EXTRA = 'pip install "mdfer[train]"'
+
+
 def root_cause(exc: BaseException) -> str:
     """The last `SomeError: message` line of a (remote) traceback, without Ray's log prefixes."""
     lines = [re.sub(r"^(\x1b\[[0-9;]*m)?\([^)]*\)(\x1b\[[0-9;]*m)?\s*", "", line).strip()

@@ -21,7 +21,8 @@ import pyarrow.fs as pafs
 
 from mdfer.config import DOMAIN_HEAD, Config, DataConfig, DomainConfig, TrainConfig, validate
 from mdfer.errors import ConfigError, DataError, MdferError
-from mdfer.ingest import dataset_summary_lines, iter_split, load_manifest, prepare
+from mdfer.dataset import DatasetManifest, iter_split, read_manifest
+from mdfer.ingest import prepare
 from mdfer.layout import (FINAL_WEIGHTS_FILE, FLIP_SUFFIX, HEADS_FILE, METRICS_FILE, RUN_FILE, data_report_name,
                           model_report_key, report_key, run_key, split_report_name)
 from mdfer.metrics import sum_confusions, summarize
@@ -48,7 +49,7 @@ def with_flip(predict: Predict) -> Predict:
     return flipped
 
 
-def evaluate_model(predict: Predict, store: Store, manifest: dict, split: str, classes: dict[str, list[str]],
+def evaluate_model(predict: Predict, store: Store, manifest: DatasetManifest, split: str, classes: dict[str, list[str]],
                    image_size: int, flip: bool = False, domain_index: np.ndarray | None = None) -> dict:
     """Score a model on a prepared split. `domain_index`: the model's domain index of each of the
     dataset's domains, when the dataset holds only some of the model's datasets, or holds them in
@@ -60,7 +61,7 @@ def evaluate_model(predict: Predict, store: Store, manifest: dict, split: str, c
         batches = ({**batch, "domain": domain_index[batch["domain"]]} for batch in batches)
     totals = sum_confusions(batches, predict, classes)
     if not any(matrix.sum() for matrix in totals.values()):
-        raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
+        raise MdferError(f"dataset {manifest.dataset_id}: split {split!r} is empty")
     return summarize(totals, classes)
 
 
@@ -95,7 +96,7 @@ def evaluate_run(store: Store, run_id: str, split: str = "test", weights: str | 
         report += FLIP_SUFFIX
     history = store.read_json(run_key(run_id, METRICS_FILE)) if finished else None
     dataset_id = store.read_json(run_key(run_id, RUN_FILE))["dataset_id"]
-    manifest = load_manifest(store, dataset_id)
+    manifest = read_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     weights = weights or store.key_uri(run_key(run_id, FINAL_WEIGHTS_FILE))
     model = model_with_weights(config, weights)
@@ -130,7 +131,7 @@ def _check_class_folders(domain: DomainConfig) -> None:
                         f"{', '.join(sorted(domain.folders))}); point it at the folder that holds the class folders")
 
 
-def prepare_folders(store: Store, domains: list[DomainConfig], checks: DataConfig) -> dict:
+def prepare_folders(store: Store, domains: list[DomainConfig], checks: DataConfig) -> DatasetManifest:
     """The class folders as a dataset in the store (every file checked as `prepare` checks it,
     with the limits of `checks`, exact duplicates dropped, all of it one split); returns its
     manifest. Content-derived id: scoring the same folders again reuses it."""
@@ -159,10 +160,11 @@ def _score_folders(store: Store, load: Callable[[], tuple[Predict, int]], classe
     order = list(classes)  # the model's domain order
     domain_index = np.asarray([order.index(d.name) for d in domains])
     result = evaluate_model(predict, store, manifest, FOLDER_SPLIT, classes, image_size, flip, domain_index)
-    report = report_prefix(manifest["dataset_id"]) + (FLIP_SUFFIX if flip else "")
-    result.update(**facts, dataset_id=manifest["dataset_id"], data={d.name: d.root for d in domains},
-                  split=FOLDER_SPLIT, flip_tta=flip, totals=manifest["totals"], rejected=manifest["rejected"],
-                  summary=dataset_summary_lines(manifest), report=store.key_uri(report))
+    report = report_prefix(manifest.dataset_id) + (FLIP_SUFFIX if flip else "")
+    stored = manifest.to_dict()
+    result.update(**facts, dataset_id=manifest.dataset_id, data={d.name: d.root for d in domains},
+                  split=FOLDER_SPLIT, flip_tta=flip, totals=stored["totals"], rejected=stored["rejected"],
+                  summary=manifest.summary_lines(), report=store.key_uri(report))
     result["heads"] = {name: metrics for name, metrics in result["heads"].items()
                        if metrics["n"] or name == DOMAIN_HEAD}
     write_report(store, report, result, None)

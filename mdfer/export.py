@@ -3,7 +3,8 @@
 Everything is built in a local temp folder, checked against the Keras model on test images,
 then copied to `<run>/export/` with `manifest.json` (sizes, sha256, parity) written last: an
 export without a manifest is unfinished, and a finished one is never rewritten. The files and
-what each holds: mdfer.layout.
+what each holds: mdfer.layout; which formats, each one's converter, runner and tolerance:
+mdfer.formats.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +25,18 @@ import numpy as np
 from mdfer import hailo
 from mdfer.artifacts import MANIFEST_FORMAT, sha256_file
 from mdfer.config import Config
+from mdfer.dataset import DatasetManifest, read_manifest, split_images
 from mdfer.errors import MdferError
+from mdfer.formats import FLOAT_TOLERANCE, FORMATS  # noqa: F401 - FLOAT_TOLERANCE also read from here
 from mdfer.layout import (FINAL_WEIGHTS_FILE, HAILO_CALIB_FILE, HAILO_DIR, HAILO_SCRIPT_FILE, HAILO_TFLITE,
-                          HEADS_FILE, KERAS_FILE, MANIFEST_FILE, METRICS_FILE, ONNX_FILE, RUN_FILE, TFLITE_FLOAT32,
-                          TFLITE_INT8, TFLITE_OPTIMIZED, export_key)
-from mdfer.predict import TFLITE_SIGNATURE, OnnxRunner, TFLiteRunner
+                          HEADS_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_CARD_FILE, RUN_FILE, TFLITE_FLOAT32,
+                          TFLITE_INT8, export_key)
+from mdfer.predict import TFLITE_SIGNATURE
 from mdfer.runs import check_dataset_matches, read_run_config
 from mdfer.storage import Store
 
 log = logging.getLogger(__name__)
 
-FLOAT_TOLERANCE = 1e-3  # max |probability difference| a float32 format may show against Keras
 ONNX_OPSET = 17
 
 
@@ -102,20 +105,52 @@ def _rename(graph, old: str, new: str) -> None:
         node.output[:] = [new if name == old else name for name in node.output]
 
 
-# ---------------------------------------------------------------- data for calibration and parity
+@dataclass(frozen=True)
+class Conversion:
+    """What the converters of the formats table (mdfer.formats) start from; each takes what it needs."""
+
+    model: Any  # the Keras model
+    saved_model: str  # the model as a SavedModel with a static batch of 1: what the TFLite converter reads
+    hailo_saved_model: str  # the same without its preprocessing (for the Hailo TFLite)
+    representative: np.ndarray  # train images that calibrate the int8 model
+    out: Path  # the export folder: a converter may read what an earlier entry wrote there
 
 
-def split_images(store: Store, manifest: dict, split: str, size: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Up to `limit` (0: all) decoded images of a split with their domain and label, spread
-    evenly over the split: shards are written dataset by dataset and class by class, so the
-    first rows would be one or two classes (and a misleading macro-F1)."""
-    from mdfer.ingest import iter_split
-    total = sum(s["rows"] for s in manifest["shards"].get(split, []))
-    rows = np.linspace(0, total - 1, limit).round().astype(int) if 0 < limit < total else None
-    parts = list(iter_split(store, manifest, split, size, rows=rows))
-    if not parts:
-        raise MdferError(f"dataset {manifest['dataset_id']}: split {split!r} is empty")
-    return tuple(np.concatenate([p[k] for p in parts]) for k in ("image", "domain", "label"))
+def convert_keras(job: Conversion, path: Path) -> None:
+    job.model.save(path)
+
+
+def convert_tflite_float32(job: Conversion, path: Path) -> None:
+    path.write_bytes(tflite_bytes(job.saved_model))
+
+
+def convert_tflite_optimized(job: Conversion, path: Path) -> None:
+    path.write_bytes(tflite_bytes(job.saved_model, "optimized"))
+
+
+def convert_tflite_int8(job: Conversion, path: Path) -> None:
+    path.write_bytes(tflite_bytes(job.saved_model, "int8", job.representative))
+
+
+def convert_onnx(job: Conversion, path: Path) -> None:
+    onnx_from_tflite(str(job.out / TFLITE_FLOAT32), str(path))
+
+
+def convert_hailo_tflite(job: Conversion, path: Path) -> None:
+    """The TFLite the Hailo DFC parses; an op its parser lacks stops the export here, before the
+    slow conversions."""
+    path.write_bytes(tflite_bytes(job.hailo_saved_model))
+    hailo.preflight(str(path))
+
+
+def convert_formats(job: Conversion) -> None:
+    """Every format of the table into `job.out`, in the table's order, each by its converter."""
+    for fmt in FORMATS:
+        log.info("export: %s", fmt.file)
+        globals()[fmt.converter](job, job.out / fmt.file)
+
+
+# ---------------------------------------------------------------- parity
 
 
 def _max_diff(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
@@ -133,29 +168,22 @@ def head_scores(probs: dict[str, np.ndarray], domain: np.ndarray, label: np.ndar
 
 def parity(model, folder: Path, images: np.ndarray, domain: np.ndarray, label: np.ndarray,
            classes: dict[str, list[str]], backbone: str) -> dict:
-    """Every exported format against the Keras model on the same test images (`backbone`: whose
-    normalization the Hailo TFLite expects done before it)."""
+    """Every exported format of the table (mdfer.formats) against the Keras model on the same
+    test images, each through its own runner; a format with a tolerance gets "ok" (`backbone`:
+    whose normalization a format with normalized input expects done before it)."""
     from mdfer.model import preprocess_constants
-    from mdfer.predict import KerasRunner
     reference = {k: np.asarray(v) for k, v in model(images, training=False).items()}
     mean, std = preprocess_constants(backbone)
     normalized = (images - np.array(mean, np.float32)) / np.array(std, np.float32)
-    probs = {
-        KERAS_FILE: KerasRunner(str(folder / KERAS_FILE))(images),
-        TFLITE_FLOAT32: TFLiteRunner(str(folder / TFLITE_FLOAT32))(images),
-        TFLITE_OPTIMIZED: TFLiteRunner(str(folder / TFLITE_OPTIMIZED))(images),
-        TFLITE_INT8: TFLiteRunner(str(folder / TFLITE_INT8))(images),
-        ONNX_FILE: OnnxRunner(str(folder / ONNX_FILE))(images),
-        HAILO_TFLITE: TFLiteRunner(str(folder / HAILO_TFLITE))(normalized),  # as the .alls feeds it
-    }
     formats = {}
-    for name, out in probs.items():
+    for fmt in FORMATS:
+        out = fmt.open(folder)(normalized if fmt.normalized_input else images)
         diff = _max_diff(out, reference)
         entry = {"max_abs_diff": diff, **head_scores(out, domain, label, classes)}
-        if name not in (TFLITE_OPTIMIZED, TFLITE_INT8):
-            entry["tolerance"] = FLOAT_TOLERANCE
-            entry["ok"] = max(diff.values()) <= FLOAT_TOLERANCE
-        formats[name] = entry
+        if fmt.tolerance is not None:
+            entry["tolerance"] = fmt.tolerance
+            entry["ok"] = max(diff.values()) <= fmt.tolerance
+        formats[fmt.file] = entry
     float32, int8 = formats[TFLITE_FLOAT32], formats[TFLITE_INT8]
     return {"images": int(len(images)), "split": "test", "reference": "Keras model from the run's weights",
             "keras": head_scores(reference, domain, label, classes), "formats": formats,
@@ -190,11 +218,12 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
         out = Path(tmp) / "export"
         ops = write_formats(model, config, store, dataset, out, Path(tmp) / "work")
         checks = _checked_parity(model, out, store, dataset, config)
+        run = store.read_json(f"{prefix}/{METRICS_FILE}")
+        (out / MODEL_CARD_FILE).write_text(_model_card(model, store, dataset, config, run, checks))
         hef_status = _compiled_hef(compiler, out, require_hef)
         files = _upload(store, prefix, out)
-    run = store.read_json(f"{prefix}/{METRICS_FILE}")
     manifest = {
-        "format": MANIFEST_FORMAT, "run_id": run["run_id"], "dataset_id": dataset["dataset_id"],
+        "format": MANIFEST_FORMAT, "run_id": run["run_id"], "dataset_id": dataset.dataset_id,
         "source": store.key_uri(prefix), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "image_size": config.model.image_size, "files": files, "parity": checks,
         "hailo": {"hw_arch": hailo.HW_ARCH, "ops": ops}, "hef": hef_status,
@@ -204,6 +233,16 @@ def export_run(store: Store, prefix: str, require_hef: bool = False, hailo_pytho
     }
     store.write_json(manifest_key, manifest)  # last: the export is whole
     return manifest
+
+
+def _model_card(model, store: Store, dataset: DatasetManifest, config: Config, run: dict, checks: dict) -> str:
+    """MODEL_CARD.md: the test split scored by this model, without and with flip TTA."""
+    from mdfer import model_card
+    from mdfer.evaluate import evaluate_model, keras_predict
+    log.info("export: model card (the test split, without and with flip TTA)")
+    scores = [evaluate_model(keras_predict(model), store, dataset, "test", config.classes(), config.model.image_size, flip)
+              for flip in (False, True)]
+    return model_card.render(config, dataset, run, *scores, checks)
 
 
 def _already_exported(store: Store, prefix: str, require_hef: bool) -> dict:
@@ -227,41 +266,32 @@ def _check_exportable(store: Store, prefix: str, require_hef: bool, hailo_python
     return compiler
 
 
-def _load_source(store: Store, prefix: str) -> tuple[Config, dict, Any]:
+def _load_source(store: Store, prefix: str) -> tuple[Config, DatasetManifest, Any]:
     """The run's config, its dataset's manifest and its model (TensorFlow and Ray come in here)."""
-    from mdfer.ingest import load_manifest
     from mdfer.model import model_with_weights
 
     config = read_run_config(store, prefix)
-    dataset = load_manifest(store, store.read_json(f"{prefix}/{RUN_FILE}")["dataset_id"])
+    dataset = read_manifest(store, store.read_json(f"{prefix}/{RUN_FILE}")["dataset_id"])
     check_dataset_matches(config, dataset)
     return config, dataset, model_with_weights(config, store.key_uri(f"{prefix}/{FINAL_WEIGHTS_FILE}"))
 
 
-def write_formats(model, config: Config, store: Store, dataset: dict, out: Path, work: Path) -> dict:
-    """Every format into `out`: .keras, float32 / optimized / int8 TFLite, ONNX, heads.json and
-    the Hailo bundle (its TFLite without preprocessing, the normalization script, calib.npy, the
-    compile script). Returns the Hailo op pre-flight."""
+def write_formats(model, config: Config, store: Store, dataset: DatasetManifest, out: Path, work: Path) -> dict:
+    """Every format of the table (mdfer.formats) into `out`, each by its converter, then
+    heads.json and the rest of the Hailo bundle (the normalization script, calib.npy, the compile
+    script). Returns the Hailo op pre-flight."""
     from mdfer.model import preprocess_constants, without_preprocess
 
     size = config.model.image_size
     (out / HAILO_DIR).mkdir(parents=True)
     work.mkdir()
-    log.info("export: keras and float32 TFLite (%d px, batch 1)", size)
-    model.save(out / KERAS_FILE)
-    saved = _saved_model(model, size, work / "saved_model")
-    (out / TFLITE_FLOAT32).write_bytes(tflite_bytes(saved))
-    hailo_saved = _saved_model(without_preprocess(model), size, work / "saved_model_hailo")
-    (out / HAILO_TFLITE).write_bytes(tflite_bytes(hailo_saved))
-    ops = hailo.preflight(str(out / HAILO_TFLITE))  # before the slow conversions
-
     calib = split_images(store, dataset, "train", size, config.export.calib_images)[0].astype(np.float32)
-    log.info("export: optimized and int8 TFLite (%d representative train images)",
-             min(len(calib), config.export.representative_images))
-    (out / TFLITE_OPTIMIZED).write_bytes(tflite_bytes(saved, "optimized"))
-    (out / TFLITE_INT8).write_bytes(tflite_bytes(saved, "int8", calib[:config.export.representative_images]))
-    log.info("export: ONNX (opset %d)", ONNX_OPSET)
-    onnx_from_tflite(str(out / TFLITE_FLOAT32), str(out / ONNX_FILE))
+    job = Conversion(model, _saved_model(model, size, work / "saved_model"),
+                     _saved_model(without_preprocess(model), size, work / "saved_model_hailo"),
+                     calib[:config.export.representative_images], out)
+    log.info("export: %d px, batch 1; %d train images calibrate the int8 model", size, len(job.representative))
+    convert_formats(job)
+    ops = hailo.preflight(str(out / HAILO_TFLITE))  # the ops, for the manifest (passed in convert_hailo_tflite)
 
     mean, std = preprocess_constants(config.model.backbone)
     np.save(out / HAILO_DIR / HAILO_CALIB_FILE, calib)
@@ -275,8 +305,8 @@ def write_formats(model, config: Config, store: Store, dataset: dict, out: Path,
     return ops
 
 
-def _checked_parity(model, out: Path, store: Store, dataset: dict, config: Config) -> dict:
-    """Every format against Keras on test images; a format off by more than FLOAT_TOLERANCE
+def _checked_parity(model, out: Path, store: Store, dataset: DatasetManifest, config: Config) -> dict:
+    """Every format against Keras on test images; a format off by more than its tolerance
     stops the export before anything reaches the store."""
     log.info("export: parity on up to %s test images", config.export.parity_images or "all")
     checks = parity(model, out, *split_images(store, dataset, "test", config.model.image_size,
@@ -284,9 +314,9 @@ def _checked_parity(model, out: Path, store: Store, dataset: dict, config: Confi
                     config.model.backbone)
     broken = [name for name, entry in checks["formats"].items() if entry.get("ok") is False]
     if broken:
-        raise MdferError(f"export parity failed for {', '.join(broken)}: max |diff| "
-                         f"{[max(checks['formats'][b]['max_abs_diff'].values()) for b in broken]} "
-                         f"> {FLOAT_TOLERANCE}; nothing was written to the store")
+        raise MdferError("export parity failed: " + ", ".join(
+            f"{name} max |diff| {max(checks['formats'][name]['max_abs_diff'].values()):.2e} > "
+            f"{checks['formats'][name]['tolerance']}" for name in broken) + "; nothing was written to the store")
     return checks
 
 

@@ -12,7 +12,7 @@ import math
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mdfer.config import AugmentConfig
 
@@ -45,10 +45,24 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def model_input(image: Image.Image, size: int) -> Image.Image:
+    """RGB at size x size (grayscale repeated over three channels): a face file as training reads
+    it, and a face cropped from a photo (`mdfer.faces`) likewise."""
+    return to_rgb8(image).resize((size, size), Image.Resampling.BILINEAR)
+
+
 def decode_image(data: bytes, size: int) -> Image.Image:
-    """Any readable image -> RGB at size x size (grayscale repeated over three channels)."""
+    """Any readable image -> RGB at size x size (`model_input`)."""
     with Image.open(io.BytesIO(data)) as image:
-        return to_rgb8(image).resize((size, size), Image.Resampling.BILINEAR)
+        return model_input(image, size)
+
+
+def decode_photo(data: bytes, upright: bool = True) -> Image.Image:
+    """A whole image, 8-bit RGB at its own size; `upright`: turned by its EXIF orientation, as a
+    viewer shows it (the face detector finds upright faces only, and an annotated copy must look
+    like the photo). Training's faces are read as stored (`decode_image`)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return to_rgb8(ImageOps.exif_transpose(image) if upright else image)
 
 
 def erase_rectangle(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -3,22 +3,20 @@
 Three passes, each with one job: scan (read, hash, decode every file; decide accept/reject),
 plan (drop duplicates, keep given splits, carve the missing ones, stratified and seeded), write
 (shards, then manifest.json last). Every scanned file ends up in exactly one of accepted,
-rejected or duplicates, and the manifest says which and why.
+rejected or duplicates, and the manifest says which and why. This module only writes a dataset;
+every later step reads it through mdfer.dataset (whose `DatasetManifest` is what is written here).
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
-import stat
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,9 +28,12 @@ from PIL import Image, UnidentifiedImageError
 
 import mdfer
 from mdfer.config import GIVEN_SPLIT_NAMES, WHOLE_DATASET, Config, DomainConfig, require_roots
-from mdfer.errors import DataError, MdferError
-from mdfer.images import EVAL_BATCH, DecodeBatch, to_rgb8
+from mdfer.dataset import (SHARPNESS_SIDE, DatasetManifest, DomainClasses, DuplicateGroup, Rejected, Shard,
+                           Sharpness, Totals, read_manifest)
+from mdfer.errors import DataError
+from mdfer.images import to_rgb8
 from mdfer.layout import MANIFEST_FILE, SHARDS_DIR, dataset_key, shard_file
+from mdfer.listing import Listed, list_local
 from mdfer.logs import Progress, redact
 from mdfer.storage import Store, resolve, storage_error
 
@@ -76,14 +77,13 @@ class Plan:
     """Which accepted file goes to which split; what was dropped and why."""
 
     rows: list[tuple[ScannedFile, str]] = field(default_factory=list)  # (file, split)
-    rejected: list[dict] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    duplicates: list[DuplicateGroup] = field(default_factory=list)
     scanned: int = 0
 
 
 # ---------------------------------------------------------------- scan
 
-SHARPNESS_SIDE = 48  # measured at one size, so splits and datasets of any resolution compare
 SHARPNESS_SHIFT = 4.0  # a split this many times blurrier or sharper than its train split is a warning
 
 
@@ -97,69 +97,8 @@ def sharpness(gray: Image.Image) -> float:
     return float(laplacian.var())
 
 
-@dataclass(frozen=True)
-class Listed:
-    """One directory entry under a split folder; `problem` set when it cannot be read as a file."""
-
-    split: str
-    path: str  # relative to the dataset root, "/"-separated, valid UTF-8
-    size: int
-    problem: str = ""
-
-
-def _shown(path: str, root: str) -> str:
-    """A path relative to the root, "/"-separated, as valid UTF-8 (undecodable bytes as \\xNN)."""
-    return os.fsencode(os.path.relpath(path, root).replace(os.sep, "/")).decode("utf-8", "backslashreplace")
-
-
-def _list_local(root: str, split: str, folder: str) -> list[Listed]:
-    """Every entry under a local split folder, by one rule: file links are followed to their
-    file; a link to a folder is not followed (a loop back up the tree, or a second copy of a
-    class, would count files twice or under another class); broken links, link loops, names
-    that are not UTF-8 and special files are entries with a problem. Nothing is skipped
-    silently, and no entry can stop the scan."""
-    top = os.path.join(root, folder) if folder else root
-    found, pending = [], [top]
-    while pending:
-        current = pending.pop()
-        try:
-            entries = list(os.scandir(current))
-        except OSError as exc:  # an unreadable subfolder is one rejected entry, not the end of the scan
-            if current == top:
-                raise
-            found.append(Listed(split, _shown(current, root), 0, f"folder unreadable: {exc.strerror or exc}"))
-            continue
-        for entry in entries:
-            rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
-            shown = _shown(entry.path, root)
-            kind = "folder" if entry.is_dir(follow_symlinks=False) else "file"
-            if shown != rel:
-                found.append(Listed(split, shown, 0, f"{kind} name is not valid UTF-8"))
-            elif entry.is_symlink():
-                try:
-                    target = os.stat(entry.path)  # follows the link
-                except OSError as exc:
-                    problem = {errno.ELOOP: "link loop", errno.ENOENT: "broken link (its target is missing)"}.get(
-                        exc.errno, f"link target unreadable: {exc.strerror or exc}")
-                    found.append(Listed(split, rel, 0, problem))
-                    continue
-                if stat.S_ISDIR(target.st_mode):
-                    found.append(Listed(split, rel, 0, "link to a folder (not followed)"))
-                elif stat.S_ISREG(target.st_mode):
-                    found.append(Listed(split, rel, target.st_size))
-                else:
-                    found.append(Listed(split, rel, 0, "link to something that is not a file"))
-            elif kind == "folder":
-                pending.append(entry.path)
-            elif entry.is_file(follow_symlinks=False):
-                found.append(Listed(split, rel, entry.stat(follow_symlinks=False).st_size))
-            else:
-                found.append(Listed(split, rel, 0, "not a regular file (a pipe, socket or device)"))
-    return found
-
-
 def _list_domain(domain: DomainConfig) -> list[Listed]:
-    """Every entry in the domain's split folders (local: see `_list_local`; s3://: every object)."""
+    """Every entry in the domain's split folders (local: see `listing.list_local`; s3://: every object)."""
     fs, root = resolve(domain.root)
     found = []
     for split, folder in sorted(domain.splits.items()):
@@ -171,7 +110,7 @@ def _list_domain(domain: DomainConfig) -> list[Listed]:
                 raise DataError(f"{domain.name}: split folder {folder!r} not found at {where}"
                                 if folder else f"{domain.name}: {where} is not a folder")
             if isinstance(fs, pafs.LocalFileSystem):
-                found += _list_local(root, split, folder)
+                found += list_local(root, split, folder)
                 continue
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         except DataError:
@@ -294,8 +233,7 @@ def plan(config: Config, scanned: list[ScannedFile]) -> Plan:
     accepted = []
     for f in scanned:
         if f.reason:
-            result.rejected.append({"domain": f.domain, "path": f.path, "split": f.given_split,
-                                    "reason": f.reason})
+            result.rejected.append(Rejected(f.domain, f.path, f.given_split, f.reason))
         else:
             accepted.append(f)
 
@@ -308,12 +246,10 @@ def plan(config: Config, scanned: list[ScannedFile]) -> Plan:
         unique.append(members[0])
         if len(members) > 1:
             labels = sorted({m.label_name for m in members})
-            result.duplicates.append({
-                "domain": domain, "content_hash": content_hash, "kept": members[0].path,
-                "dropped": [m.path for m in members[1:]], "labels": labels,
-                "conflicting_labels": len(labels) > 1,
-                "splits": sorted({m.given_split for m in members}),
-            })
+            result.duplicates.append(DuplicateGroup(
+                domain=domain, content_hash=content_hash, kept=members[0].path,
+                dropped=[m.path for m in members[1:]], labels=labels, conflicting_labels=len(labels) > 1,
+                splits=sorted({m.given_split for m in members})))
 
     data = config.data
     for domain in config.data.domains:
@@ -391,31 +327,31 @@ def _counts(config: Config, rows: list[tuple[ScannedFile, str]]) -> dict:
             for d in config.data.domains}
 
 
-def _sharpness(config: Config, rows: list[tuple[ScannedFile, str]]) -> dict:
+def _sharpness(config: Config, rows: list[tuple[ScannedFile, str]]) -> dict[str, dict[str, Sharpness]]:
     """Per dataset and split: the spread of `sharpness` (10th, 50th, 90th percentile)."""
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for f, split in rows:
         values[(f.domain, split)].append(f.sharpness)
-    return {d.name: {s: {"n": len(v), **{f"p{q}": round(float(np.percentile(v, q)), 1) for q in (10, 50, 90)}}
+    return {d.name: {s: Sharpness(len(v), *(round(float(np.percentile(v, q)), 1) for q in (10, 50, 90)))
                      for s in SPLITS if (v := values[(d.name, s)])}
             for d in config.data.domains}
 
 
-def sharpness_warnings(stats: dict) -> list[str]:
+def sharpness_warnings(stats: dict[str, dict[str, Sharpness]]) -> list[str]:
     """One line per split whose median sharpness is SHARPNESS_SHIFT times or more off its train split's."""
     warnings = []
     for domain, splits in stats.items():
         if "train" not in splits:
             continue
-        train = max(splits["train"]["p50"], 0.1)
+        train = max(splits["train"].p50, 0.1)
         for split, other in splits.items():
-            ratio = max(other["p50"], 0.1) / train
+            ratio = max(other.p50, 0.1) / train
             shift = max(ratio, 1 / ratio)
             if split != "train" and shift >= SHARPNESS_SHIFT:
                 warnings.append(
                     f"{domain}: the train images are {shift:.0f}x "
                     f"{'blurrier' if ratio > 1 else 'sharper'} than the {split} images (median sharpness "
-                    f"{splits['train']['p50']} vs {other['p50']}); the model learns a look it will not meet "
+                    f"{splits['train'].p50} vs {other.p50}); the model learns a look it will not meet "
                     f"at {split} time. See README 'Sharpness shift' (model.inference_lowpass)")
     return warnings
 
@@ -440,12 +376,12 @@ def split_warnings(counts: dict) -> list[str]:
     return warnings
 
 
-def _warn(manifest: dict) -> None:
-    for warning in manifest.get("warnings", []):  # older manifests have none
+def _warn(manifest: DatasetManifest) -> None:
+    for warning in manifest.warnings:
         log.warning(warning)
 
 
-def prepare(config: Config, store: Store) -> dict:
+def prepare(config: Config, store: Store) -> DatasetManifest:
     """Write the dataset to the store unless a complete one with the same id is already there."""
     require_roots(config)
     store.check_writable()
@@ -454,16 +390,15 @@ def prepare(config: Config, store: Store) -> dict:
     prefix = dataset_key(ds_id)
     if store.exists(f"{prefix}/{MANIFEST_FILE}"):
         log.info("dataset %s is already complete at %s: nothing to do", ds_id, store.key_uri(prefix))
-        manifest = store.read_json(f"{prefix}/{MANIFEST_FILE}")
+        manifest = read_manifest(store, ds_id)
         _warn(manifest)
-        manifest["skipped"] = True
-        return manifest
+        return dataclasses.replace(manifest, skipped=True)
     store.delete_prefix(f"{prefix}/{SHARDS_DIR}")  # leftovers of an interrupted run of this same id
 
     result = plan(config, scanned)
     if not result.rows:
         raise DataError("no usable images in any dataset; see the rejected files with --debug")
-    shards: dict[str, list[dict]] = {}
+    shards: dict[str, list[Shard]] = {}
     rows_per_shard = config.data.shard_rows
     sources = {d.name: resolve(d.root) for d in config.data.domains}  # one S3 client, not one per shard
     with Progress("write shards", len(result.rows), "image") as bar:
@@ -476,79 +411,25 @@ def prepare(config: Config, store: Store) -> dict:
                     chunk = domain_files[start:start + rows_per_shard]
                     shard = shard_file(split, domain, start // rows_per_shard)
                     _write_shard(store, f"{prefix}/{shard}", chunk, config, split, sources)
-                    shards[split].append({"file": shard, "domain": domain, "rows": len(chunk)})
+                    shards[split].append(Shard(shard, domain, len(chunk)))
                     bar.advance(len(chunk))
 
-    n_duplicates = sum(len(d["dropped"]) for d in result.duplicates)
+    n_duplicates = sum(len(d.dropped) for d in result.duplicates)
     sharpness_stats = _sharpness(config, result.rows)
-    manifest = {
-        "dataset_id": ds_id,
-        "schema_version": SCHEMA_VERSION,
-        "mdfer_version": mdfer.__version__,
-        "config": config.to_dict()["data"],
-        "domains": {d.name: {"classes": d.classes} for d in config.data.domains},
-        "counts": _counts(config, result.rows),
-        "totals": {"scanned": result.scanned, "accepted": len(result.rows),
-                   "rejected": len(result.rejected), "duplicates": n_duplicates,
-                   "duplicate_groups": len(result.duplicates),
-                   "conflicting_label_groups": sum(d["conflicting_labels"] for d in result.duplicates)},
-        "sharpness": sharpness_stats,
-        "warnings": sharpness_warnings(sharpness_stats) + split_warnings(_counts(config, result.rows)),
-        "rejected": result.rejected,
-        "duplicates": result.duplicates,
-        "shards": shards,
-    }
+    counts = _counts(config, result.rows)
+    manifest = DatasetManifest(
+        dataset_id=ds_id, schema_version=SCHEMA_VERSION, mdfer_version=mdfer.__version__,
+        config=config.to_dict()["data"],
+        domains={d.name: DomainClasses(d.classes) for d in config.data.domains},
+        counts=counts,
+        totals=Totals(scanned=result.scanned, accepted=len(result.rows), rejected=len(result.rejected),
+                      duplicates=n_duplicates, duplicate_groups=len(result.duplicates),
+                      conflicting_label_groups=sum(d.conflicting_labels for d in result.duplicates)),
+        sharpness=sharpness_stats,
+        warnings=sharpness_warnings(sharpness_stats) + split_warnings(counts),
+        rejected=result.rejected, duplicates=result.duplicates, shards=shards)
     assert result.scanned == len(result.rows) + len(result.rejected) + n_duplicates
-    store.write_json(f"{prefix}/{MANIFEST_FILE}", manifest)  # last: seals the dataset
+    store.write_json(f"{prefix}/{MANIFEST_FILE}", manifest.to_dict())  # last: seals the dataset
     _warn(manifest)
-    manifest["skipped"] = False
     return manifest
 
-
-def load_manifest(store: Store, ds_id: str) -> dict:
-    key = dataset_key(ds_id, MANIFEST_FILE)
-    if not store.exists(key):
-        raise DataError(f"{store.key_uri(key)}: no complete dataset {ds_id!r} in this store "
-                        f"(run `mdfer prepare` first)")
-    return store.read_json(key)
-
-
-def dataset_summary_lines(manifest: dict) -> list[str]:
-    """Human-readable counts for the CLI."""
-    totals = manifest["totals"]
-    lines = [f"dataset {manifest['dataset_id']}: scanned {totals['scanned']} = accepted "
-             f"{totals['accepted']} + rejected {totals['rejected']} + duplicates {totals['duplicates']} "
-             f"({totals['duplicate_groups']} groups, {totals['conflicting_label_groups']} with conflicting labels)"]
-    for domain, splits in manifest["counts"].items():
-        sizes = ", ".join(f"{s} {sum(c.values())}" for s, c in splits.items())
-        lines.append(f"  {domain}: {sizes}")
-    for domain, splits in manifest.get("sharpness", {}).items():  # older manifests lack it
-        medians = ", ".join(f"{s} {v['p50']}" for s, v in splits.items())
-        lines.append(f"  {domain} median sharpness (Laplacian variance at {SHARPNESS_SIDE} px): {medians}")
-    reasons = Counter(r["reason"].split(":")[0] for r in manifest["rejected"])
-    for reason, n in sorted(reasons.items()):
-        lines.append(f"  rejected {n}: {reason}")
-    return lines
-
-
-def iter_split(store: Store, manifest: dict, split: str, image_size: int,
-               batch_size: int = EVAL_BATCH, rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded batches of one split, shard by shard, in the order they were written.
-    `rows`: only these sorted row numbers of the split (counted over its shards in order), and
-    only they are decoded."""
-    if split not in manifest["shards"]:
-        raise MdferError(f"dataset {manifest['dataset_id']} has no split {split!r} "
-                         f"(it has {', '.join(manifest['shards'])})")
-    decode = DecodeBatch(image_size)
-    offset = 0
-    for shard in manifest["shards"][split]:
-        table = pq.read_table(io.BytesIO(store.read_bytes(dataset_key(manifest["dataset_id"], shard["file"]))),
-                              columns=["image", "domain_index", "label"])
-        if rows is not None:
-            local = rows[(rows >= offset) & (rows < offset + table.num_rows)] - offset
-            offset += table.num_rows
-            table = table.take(local)
-        for start in range(0, table.num_rows, batch_size):
-            chunk = table.slice(start, batch_size)
-            yield decode({name: chunk.column(name).to_numpy(zero_copy_only=False)
-                          for name in ("image", "domain_index", "label")})

@@ -8,6 +8,7 @@ builds its keys here. Stdlib only (no other mdfer module), so any module can imp
       datasets/<dataset-id>/shards/<split>/part-<dataset>-NNNNN.parquet
       runs/<run-id>/config.yaml, run.json                     what was asked for
       runs/<run-id>/<stage>/ray/...                           Ray Train's checkpoints (the resume point)
+      runs/<run-id>/<stage>/ray/checkpoint_*/model.weights.h5, optimizer.npz, state.json   one epoch's checkpoint
       runs/<run-id>/<stage>/tensorboard/...                   TensorBoard event files
       runs/<run-id>/<stage>/best.weights.h5, done.json        the stage's result; done.json last
       runs/<run-id>/best_model_hailo.weights.h5, metrics.json the last stage's best; metrics.json last
@@ -31,7 +32,6 @@ builds its keys here. Stdlib only (no other mdfer module), so any module can imp
                 heads.json, hailo_compile.py, hailo_model.hef when the DFC is installed
         manifest.json                           sizes, sha256, parity; its presence means finished
 
-The files inside a Ray checkpoint are the training loop's (mdfer/train_loop.py), and
 mdfer/hailo_compile.py repeats the hailo/ names: it runs in the Hailo DFC's own Python, without mdfer.
 """
 
@@ -63,6 +63,20 @@ STAGE_CHECKPOINTS_DIR = "ray"  # Ray Train's run name: its checkpoints go under 
 TENSORBOARD_DIR = "tensorboard"
 STAGE_DONE_FILE = "done.json"  # the stage's best and history; written last: the stage is finished
 
+# ---------------------------------------------------------------- inside one epoch's Ray checkpoint (rank 0 writes it)
+
+CHECKPOINT_WEIGHTS_FILE = "model.weights.h5"  # the model's weights
+CHECKPOINT_OPTIMIZER_FILE = "optimizer.npz"  # its iteration and slots (mdfer.optimizer_state); older ones lack it
+CHECKPOINT_STATE_FILE = "state.json"  # the loop's state (new_stage_state's keys) and the epoch's "evaluation"
+
+
+def new_stage_state() -> dict:
+    """The training loop's state before a stage's first epoch, as state.json holds it after
+    each one (with that epoch's "evaluation" added): `history` is every epoch's metrics row,
+    which a stage's done.json and a sweep's results read back."""
+    return {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
+
+
 # ---------------------------------------------------------------- reports
 
 REPORT_DIR = "report"
@@ -88,6 +102,7 @@ TFLITE_OPTIMIZED = "hailo_model_float32_optimized.tflite"
 TFLITE_INT8 = "hailo_model_int8.tflite"
 ONNX_FILE = "model.onnx"
 HEADS_FILE = "heads.json"  # beside every exported model: input size, heads and their classes
+MODEL_CARD_FILE = "MODEL_CARD.md"  # beside every export: data, recipe, test figures, intended use, limits
 HAILO_DIR = "hailo"
 HAILO_TFLITE = f"{HAILO_DIR}/hailo_model.tflite"
 HAILO_SCRIPT_FILE = "model.alls"  # in hailo/: the model script carrying the normalization

@@ -5,24 +5,34 @@ no TensorFlow. Where the files live: mdfer.layout."""
 
 from __future__ import annotations
 
+import hashlib
+
 import yaml
 
 from mdfer.config import Config, config_from_dict
+from mdfer.dataset import DatasetManifest
 from mdfer.errors import MdferError
 from mdfer.layout import BEST_WEIGHTS_FILE, CONFIG_FILE, FINAL_WEIGHTS_FILE, METRICS_FILE, RUN_FILE, run_key, stage_key
 from mdfer.storage import Store
 
 
-def check_dataset_matches(config: Config, manifest: dict) -> None:
+def check_dataset_matches(config: Config, manifest: DatasetManifest) -> None:
     """The model's heads come from the config; the shards must hold the same datasets and classes."""
     for domain in config.data.domains:
-        found = manifest["domains"].get(domain.name)
+        found = manifest.domains.get(domain.name)
         if found is None:
-            raise MdferError(f"dataset {manifest['dataset_id']} has no {domain.name!r} "
-                             f"(it holds {', '.join(manifest['domains'])}); prepare it with this config")
-        if found["classes"] != domain.classes:
-            raise MdferError(f"dataset {manifest['dataset_id']}: classes of {domain.name!r} differ "
-                             f"from {config.source}: {found['classes']} vs {domain.classes}")
+            raise MdferError(f"dataset {manifest.dataset_id} has no {domain.name!r} "
+                             f"(it holds {', '.join(manifest.domains)}); prepare it with this config")
+        if found.classes != domain.classes:
+            raise MdferError(f"dataset {manifest.dataset_id}: classes of {domain.name!r} differ "
+                             f"from {config.source}: {found.classes} vs {domain.classes}")
+
+
+def derived_run_id(config: Config, dataset_id: str) -> str:
+    """`mdfer pipeline`'s run id when none is given: the config's identity (so any `--set` that
+    changes what is trained makes another run) and the dataset; the same again resumes the run."""
+    identity = yaml.safe_dump(config.identity(), sort_keys=True) + dataset_id
+    return f"run-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
 
 
 def read_run_config(store: Store, prefix: str) -> Config:

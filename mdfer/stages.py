@@ -19,13 +19,13 @@ import numpy as np
 from mdfer.config import Config
 from mdfer.console import WorkerConsole
 from mdfer.errors import MdferError, root_cause, signal_handler_kept, stop_on_sigterm
-from mdfer.ingest import load_manifest
-from mdfer.layout import (BEST_WEIGHTS_FILE, METRICS_FILE, STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR,
-                          run_key, stage_key)
+from mdfer.dataset import DatasetManifest, read_manifest
+from mdfer.layout import (BEST_WEIGHTS_FILE, CHECKPOINT_STATE_FILE, CHECKPOINT_WEIGHTS_FILE, METRICS_FILE,
+                          STAGE_CHECKPOINTS_DIR, STAGE_DONE_FILE, TENSORBOARD_DIR, run_key, stage_key)
 from mdfer.runs import check_dataset_matches, seal_run, start_run
 from mdfer.storage import Store, file_exists
 from mdfer.stream import EpochPlan, eval_dataset, plan_epoch, train_datasets
-from mdfer.train_loop import STATE_FILE, VAL_DATASET, WEIGHTS_FILE, train_stage
+from mdfer.train_loop import VAL_DATASET, train_stage
 
 if TYPE_CHECKING:
     import ray.train
@@ -83,19 +83,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def class_weights(config: Config, manifest: dict) -> dict[str, list[float]]:
+def class_weights(config: Config, manifest: DatasetManifest) -> dict[str, list[float]]:
     """Inverse-frequency weights over the train split, mean 1 per dataset (rare classes count more)."""
     if not config.train.class_weighting:
         return {}
     weights = {}
     for name, classes in ((d.name, d.classes) for d in config.data.domains):
-        counts = np.array([manifest["counts"][name]["train"][c] for c in classes], float)
+        counts = np.array([manifest.counts[name]["train"][c] for c in classes], float)
         inverse = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0)
         weights[name] = (inverse / inverse[counts > 0].mean()).tolist()
     return weights
 
 
-def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: dict,
+def fit_stage(config: Config, store: Store, run_id: str, stage_index: int, manifest: DatasetManifest,
               init_weights: str | None, folder: str | None = None,
               callbacks: list | None = None, console: bool = False) -> "ray.train.Result":
     """One stage as a Ray Train run; returns Ray's Result. `folder` (a store key; default the
@@ -196,10 +196,10 @@ def _seal_stage(store: Store, run_id: str, stage_name: str, result) -> dict:
     restarts; Ray's own metrics table drops the epochs whose checkpoints it deleted."""
     checkpoint, metrics = _best_checkpoint(result)
     with checkpoint.as_directory() as folder:
-        weights = (Path(folder) / WEIGHTS_FILE).read_bytes()
-        best_state = json.loads((Path(folder) / STATE_FILE).read_text())
+        weights = (Path(folder) / CHECKPOINT_WEIGHTS_FILE).read_bytes()
+        best_state = json.loads((Path(folder) / CHECKPOINT_STATE_FILE).read_text())
     with result.checkpoint.as_directory() as folder:
-        history = json.loads((Path(folder) / STATE_FILE).read_text())["history"]
+        history = json.loads((Path(folder) / CHECKPOINT_STATE_FILE).read_text())["history"]
     store.write_bytes(stage_key(run_key(run_id), stage_name, BEST_WEIGHTS_FILE), weights)
     done = {"stage": stage_name, "best": metrics, "evaluation": best_state.get("evaluation"),
             "history": history, "checkpoint": checkpoint.path}
@@ -211,7 +211,7 @@ def train_run(config: Config, store: Store, run_id: str, dataset_id: str,
               ray_address: str | None = None) -> dict:
     """All stages of a run, skipping finished ones; returns the run's metrics.json content.
     A finished run (metrics.json present) is left exactly as it is."""
-    manifest = load_manifest(store, dataset_id)
+    manifest = read_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     start_run(config, store, run_id, dataset_id)
     stages = {}

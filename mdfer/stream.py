@@ -22,8 +22,8 @@ from ray.data import RandomSeedConfig
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from mdfer.config import Config
+from mdfer.dataset import DatasetManifest
 from mdfer.images import AugmentBatch, DecodeBatch
-from mdfer.layout import dataset_key
 from mdfer.storage import Store
 
 TRAIN_PREFIX = "train_"  # Ray Train dataset names: train_<domain>
@@ -52,17 +52,13 @@ class EpochPlan:
         return self.steps_per_epoch * self.per_worker_batch[domain] * self.num_workers
 
 
-def _split_sizes(manifest: dict, split: str) -> dict[str, int]:
-    return {d: sum(counts[split].values()) for d, counts in manifest["counts"].items()}
-
-
-def plan_epoch(manifest: dict, config: Config, num_workers: int) -> EpochPlan:
+def plan_epoch(manifest: DatasetManifest, config: Config, num_workers: int) -> EpochPlan:
     """Share each worker's batch between datasets by `stream.domain_mix` (default: by size).
 
     Every dataset gets at least one sample per batch. The epoch is long enough to show the
     dataset that needs most steps each of its images once; the others are re-drawn as needed.
     """
-    sizes = _split_sizes(manifest, "train")
+    sizes = manifest.split_sizes("train")
     domains = tuple(d for d in config.domain_names() if sizes.get(d, 0) > 0)
     if not domains:
         raise ValueError("the dataset has no training rows")
@@ -87,10 +83,8 @@ def plan_epoch(manifest: dict, config: Config, num_workers: int) -> EpochPlan:
 # ---------------------------------------------------------------- datasets (driver side)
 
 
-def _shard_paths(store: Store, manifest: dict, split: str, domain: str | None = None) -> list[str]:
-    prefix = dataset_key(manifest["dataset_id"])
-    return [store.path(f"{prefix}/{s['file']}") for s in manifest["shards"][split]
-            if domain is None or s["domain"] == domain]
+def _shard_paths(store: Store, manifest: DatasetManifest, split: str, domain: str | None = None) -> list[str]:
+    return [store.path(key) for key in manifest.shard_keys(split, domain)]
 
 
 IDLE_STEP_SLEEP_S = 0.01
@@ -154,7 +148,7 @@ def _decoded(store: Store, paths: list[str], size: int) -> ray.data.Dataset:
                                              num_cpus=DATA_TASK_CPUS).materialize()
 
 
-def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan,
+def train_datasets(store: Store, manifest: DatasetManifest, config: Config, plan: EpochPlan,
                    stage_index: int = 0) -> dict[str, ray.data.Dataset]:
     """One augmented dataset per domain, each exactly `plan.rows_per_epoch(domain)` rows long:
     whole passes over the decoded images and, last, the part of one more pass that the epoch
@@ -164,7 +158,7 @@ def train_datasets(store: Store, manifest: dict, config: Config, plan: EpochPlan
     again. The index counts the executions of this stage's datasets: a stage resumed after a
     failure starts it again, and its later epochs draw what its first ones drew."""
     configure_data_context()
-    sizes = _split_sizes(manifest, "train")
+    sizes = manifest.split_sizes("train")
     datasets = {}
     for domain_index, domain in enumerate(plan.domains):
         base = _decoded(store, _shard_paths(store, manifest, "train", domain), config.model.image_size)
@@ -188,7 +182,7 @@ def int_seed(parts: list[int]) -> int:
     return int(np.random.SeedSequence(parts).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
-def eval_dataset(store: Store, manifest: dict, config: Config, split: str) -> ray.data.Dataset:
+def eval_dataset(store: Store, manifest: DatasetManifest, config: Config, split: str) -> ray.data.Dataset:
     """All rows of a split, decoded once, without augmentation."""
     configure_data_context()
     return _decoded(store, _shard_paths(store, manifest, split), config.model.image_size)

@@ -14,12 +14,11 @@ from ray import tune
 
 from mdfer.config import Config
 from mdfer.errors import MdferError, root_cause
-from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRIC_PLOT_FILE, TRIALS_CSV, TRIALS_PARQUET,
-                          TUNE_DIR, stage_key, sweep_key)
+from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, CHECKPOINT_STATE_FILE, CHECKPOINT_WEIGHTS_FILE,
+                          METRIC_PLOT_FILE, TRIALS_CSV, TRIALS_PARQUET, TUNE_DIR, stage_key, sweep_key)
 from mdfer.logs import redact
 from mdfer.storage import Store
 from mdfer.sweep_spaces import INIT_KEY, METRIC, StageSweep, with_hparams
-from mdfer.train_loop import STATE_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("mdfer.tune")
 
@@ -159,8 +158,8 @@ def seal_stage_sweep(store: Store, sweep_id: str, stage_index: int, base: Config
     rows, histories, checkpoints = _trial_rows(analysis, store, names)
     winner = _winner(rows, stage)
     best_row, checkpoint = rows[winner], checkpoints[winner]
-    store.write_bytes(f"{folder}/{BEST_WEIGHTS_FILE}", store.read_bytes(f"{checkpoint}/{WEIGHTS_FILE}"))
-    best_metrics = json.loads(store.read_bytes(f"{checkpoint}/{STATE_FILE}"))["history"][-1]
+    store.write_bytes(f"{folder}/{BEST_WEIGHTS_FILE}", store.read_bytes(f"{checkpoint}/{CHECKPOINT_WEIGHTS_FILE}"))
+    best_metrics = json.loads(store.read_bytes(f"{checkpoint}/{CHECKPOINT_STATE_FILE}"))["history"][-1]
     csv, parquet = _table_bytes(rows)
     store.write_bytes(f"{folder}/{TRIALS_CSV}", csv)
     store.write_bytes(f"{folder}/{TRIALS_PARQUET}", parquet)

@@ -74,18 +74,18 @@ class _Unpickler(pickle.Unpickler):
 def read_state_dict(stream: IO[bytes]) -> dict[str, np.ndarray]:
     """Every tensor of a legacy PyTorch state dict, by name, as a numpy array (a copy)."""
     try:
-        magic = pickle.load(stream)
+        magic = _Unpickler(stream).load()
     except Exception as exc:  # noqa: BLE001 - any failure here means "not this format"
         raise LegacyFormatError(f"not a legacy PyTorch file ({type(exc).__name__})") from None
     if magic != MAGIC_NUMBER:
         raise LegacyFormatError("not a legacy PyTorch file (a zip-format or other file?)")
-    if pickle.load(stream) != PROTOCOL_VERSION:
+    if _Unpickler(stream).load() != PROTOCOL_VERSION:
         raise LegacyFormatError("unsupported legacy protocol version")
-    pickle.load(stream)  # sys_info: endianness and type sizes; little-endian assumed below
+    _Unpickler(stream).load()  # sys_info: endianness and type sizes; little-endian assumed below
     state = _Unpickler(stream).load()
     if not isinstance(state, dict):
         raise LegacyFormatError(f"holds a {type(state).__name__}, not a state dict")
-    keys = pickle.load(stream)
+    keys = _Unpickler(stream).load()
 
     storages: dict[str, np.ndarray] = {}
     dtypes = {ref.storage[0]: ref.storage[1] for ref in state.values() if isinstance(ref, _TensorRef)}

@@ -5,7 +5,8 @@ there is one worker: no gRPC server, no collectives), start from the
 latest checkpoint of this stage (after a worker failure or a resubmitted job) or else from the
 previous stage's best weights, then epochs of train steps, a sharded validation pass, and one
 `ray.train.report` per epoch with a checkpoint. Every worker runs the same number of steps
-and reports; rank 0 writes the checkpoint.
+and reports; rank 0 writes the checkpoint: weights, optimizer state and the loop's state, so a
+resumed stage goes on exactly where it stopped (its files: mdfer.layout).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import numpy as np
 
 from mdfer.config import DOMAIN_HEAD, Config, StageConfig, config_from_dict
 from mdfer.console import WorkerSide
+from mdfer.layout import CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_STATE_FILE, CHECKPOINT_WEIGHTS_FILE, new_stage_state
+from mdfer.optimizer_state import read_optimizer_file, restore_optimizer, save_optimizer
 from mdfer.storage import Store, local_copy
 from mdfer.images import EVAL_BATCH
 from mdfer.stream import TRAIN_PREFIX, EpochPlan, int_seed, iter_train_batches
 
-WEIGHTS_FILE = "model.weights.h5"
-STATE_FILE = "state.json"
 VAL_DATASET = "val"
 
 
@@ -211,24 +212,23 @@ def epoch_line(stage: str, epoch: int, epochs: int, metrics: dict, evaluation: d
 @dataclass
 class StageParts:
     """What one worker trains a stage with, built in the order the steps need (model, then the
-    restored weights, then freezing, then a new optimizer and the traced steps)."""
+    restored weights, then freezing, then a new optimizer and the traced steps, then the
+    optimizer's restored state)."""
 
     strategy: Any
     model: Any
     optimizer: Any
     train_step: Callable
     predict_step: Callable
-    state: dict  # epoch, best_macro_f1, best_epoch, since_best, history: what a checkpoint holds
-
-
-def new_state() -> dict:
-    return {"epoch": 0, "best_macro_f1": -1.0, "best_epoch": 0, "since_best": 0, "history": []}
+    state: dict  # layout.new_stage_state's keys: what a checkpoint's state.json holds
 
 
 def build_stage(config: Config, stage_index: int, plan: EpochPlan, world: int, init_weights: str | None,
                 checkpoint, class_weights: dict[str, list[float]], say: Callable[[str], None]) -> StageParts:
     """Model, restored weights (this stage's checkpoint after a failure, else `init_weights`: the
-    previous stage's best, a file, or "imagenet"), frozen layers, optimizer and steps."""
+    previous stage's best, a file, or "imagenet"), frozen layers, optimizer and steps; from a
+    checkpoint, the optimizer's iteration and slots too (weights only, said so, from a checkpoint
+    written before they were saved)."""
     from mdfer.model import load_weights_file, model_from_config, set_trainable_fraction
     from mdfer.steps import make_predict_step, make_train_step
 
@@ -237,12 +237,12 @@ def build_stage(config: Config, stage_index: int, plan: EpochPlan, world: int, i
     with strategy.scope():  # ImageNet weights only for a fresh start, never under a checkpoint
         model = model_from_config(config, "imagenet" if init_weights == "imagenet" and not checkpoint else None,
                                   training=True, stage_index=stage_index)
-    state = new_state()
+    state, saved_optimizer = new_stage_state(), None
     if checkpoint:  # resuming this stage: a worker died or the job was resubmitted
-        with checkpoint.as_directory() as folder:
-            model.load_weights(Path(folder) / WEIGHTS_FILE)
-            state = json.loads((Path(folder) / STATE_FILE).read_text())
-        say(f"{stage.name}: resuming after epoch {state['epoch']}")
+        with checkpoint.as_directory() as folder:  # maybe a temporary download: read it all now
+            model.load_weights(Path(folder) / CHECKPOINT_WEIGHTS_FILE)
+            state = json.loads((Path(folder) / CHECKPOINT_STATE_FILE).read_text())
+            saved_optimizer = read_optimizer_file(Path(folder) / CHECKPOINT_OPTIMIZER_FILE)
     elif init_weights and init_weights != "imagenet":
         with tempfile.TemporaryDirectory() as folder:
             loaded = load_weights_file(model, local_copy(init_weights, folder))
@@ -253,11 +253,23 @@ def build_stage(config: Config, stage_index: int, plan: EpochPlan, world: int, i
     train_step = make_train_step(strategy, model, optimizer, list(config.classes()), stage.loss_weights,
                                  plan.global_batch_size, config.train.label_smoothing,
                                  {k: np.asarray(v, np.float32) for k, v in class_weights.items()})
+    if checkpoint:  # the step has built the optimizer's slots: now they can take the saved values
+        say(f"{stage.name}: resuming after epoch {state['epoch']}{_resumed_optimizer(optimizer, saved_optimizer)}")
     if state["epoch"] == 0:
         say(f"{stage.name}: lr {stage.lr:g}, frozen {frozen['n_frozen']}/{frozen['n_backbone_layers']} "
             f"backbone layers, {plan.steps_per_epoch} steps x {plan.global_batch_size} images "
             f"per epoch on {world} worker(s)")
     return StageParts(strategy, model, optimizer, train_step, make_predict_step(strategy, model), state)
+
+
+def _resumed_optimizer(optimizer, saved: dict[str, np.ndarray] | None) -> str:
+    """Restore the optimizer's saved state; the end of the resume line says how it went."""
+    if saved is None:
+        return "; weights only: the checkpoint predates saved optimizer state, the optimizer starts over"
+    refused = restore_optimizer(optimizer, saved)
+    if refused:
+        return f"; weights only: the checkpoint's optimizer state {refused}; the optimizer starts over"
+    return f", optimizer at step {int(optimizer.iterations.numpy())}"
 
 
 def train_epoch(parts: StageParts, stage: StageConfig, epoch: int, batches: Iterator[dict],
@@ -301,14 +313,16 @@ def update_state(state: dict, metrics: dict) -> None:
 
 
 def report_epoch(parts: StageParts, metrics: dict, evaluation: dict, rank: int) -> None:
-    """`ray.train.report` on every worker; rank 0 attaches the checkpoint (weights + state)."""
+    """`ray.train.report` on every worker; rank 0 attaches the checkpoint (weights, optimizer
+    state, the loop's state)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         saved = None
         if rank == 0:
-            parts.model.save_weights(os.path.join(folder, WEIGHTS_FILE))
-            Path(folder, STATE_FILE).write_text(json.dumps({**parts.state, "evaluation": evaluation}))
+            parts.model.save_weights(os.path.join(folder, CHECKPOINT_WEIGHTS_FILE))
+            save_optimizer(parts.optimizer, os.path.join(folder, CHECKPOINT_OPTIMIZER_FILE))
+            Path(folder, CHECKPOINT_STATE_FILE).write_text(json.dumps({**parts.state, "evaluation": evaluation}))
             saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=saved)
 

@@ -21,7 +21,7 @@ from ray import tune
 
 from mdfer.config import Config, config_from_dict
 from mdfer.errors import MdferError
-from mdfer.ingest import load_manifest
+from mdfer.dataset import DatasetManifest, read_manifest
 from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, METRICS_FILE, SWEEP_FILE, TRIALS_CSV, TUNE_DIR,
                           stage_key, sweep_key, trial_key)
 from mdfer.logs import VERBOSE, verbosity
@@ -96,7 +96,7 @@ class TrialLines(tune.Callback):
 
 
 def run_trial(hparams: dict, *, base: Config, store_uri: str, sweep_id: str, stage_index: int,
-              manifest: dict, folder: str) -> None:
+              manifest: DatasetManifest, folder: str) -> None:
     """One trial (in its Tune actor): the stage as a Ray Train run with these hyperparameters,
     its checkpoints under `<folder>/trials/<trial-id>/` so a restarted trial resumes them."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -107,7 +107,7 @@ def run_trial(hparams: dict, *, base: Config, store_uri: str, sweep_id: str, sta
               folder=trial_key(folder, trial_id), callbacks=[TuneReportCallback()])
 
 
-def _tuner(base: Config, store: Store, sweep_id: str, stage_index: int, manifest: dict,
+def _tuner(base: Config, store: Store, sweep_id: str, stage_index: int, manifest: DatasetManifest,
            sweep: StageSweep, init_weights: str | None):
     """A new Tuner for the stage, or the interrupted one restored from the store."""
     stage = base.train.stages[stage_index]
@@ -162,7 +162,7 @@ def sweep_dataset(config: Config, store: Store, sweep_id: str, dataset_id: str |
     from mdfer.config import require_roots
     from mdfer.ingest import prepare
     require_roots(config)
-    return prepare(config, store)["dataset_id"]
+    return prepare(config, store).dataset_id
 
 
 def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spaces_dir: str | Path,
@@ -174,7 +174,7 @@ def tune_sweep(config: Config, store: Store, sweep_id: str, dataset_id: str, spa
         log.info("sweep %s: already complete in %s", sweep_id, store.key_uri(sweep_key(sweep_id)))
         return store.read_json(summary_key)
     sweeps = load_sweeps(config, spaces_dir)  # every space is checked before any cluster time
-    manifest = load_manifest(store, dataset_id)
+    manifest = read_manifest(store, dataset_id)
     check_dataset_matches(config, manifest)
     _start_sweep(config, store, sweep_id, dataset_id)
     current, init_weights, records = config, initial_weights(config), {}

@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # workers than lanes), then the quick modules, which fill the gaps. (A worker holds its next
 # unit while it runs the last test of one, so with no lanes one worker gathered every long
 # unit behind its long tests while the other ran out of work.)
-LANES = {"gw0": ("learn", "tests/test_nodes.py"),
+LANES = {"gw0": ("learn", "tests/test_nodes.py", "tests/test_lite0.py"),
          "gw1": ("tests/test_e2e.py", "tests/test_tune.py", "tests/test_worker_loss.py")}
 
 
@@ -212,7 +212,7 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> dict:
                           raw["train"]["stages"][2].update(lr_schedule="cosine")))
     store = Store(str(root / "store"))
     manifest = prepare(load_config(config_path), store)
-    return {"root": root, "config": config_path, "store": store, "dataset_id": manifest["dataset_id"],
+    return {"root": root, "config": config_path, "store": store, "dataset_id": manifest.dataset_id,
             "raw": raw}
 
 
@@ -240,3 +240,34 @@ def exported(trained_run: dict) -> dict:
     assert done.returncode == 0, done.stderr[-4000:]
     folder = Path(store.path("runs/learn/export"))
     return {**trained_run, "done": done, "folder": folder, "manifest": json.loads((folder / "manifest.json").read_text())}
+
+
+# --- a tiny exported model (seconds, no training) --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 16 px model with the default config's heads, as export writes it: float32
+    .tflite by export's converter, heads.json beside it. For tests of `predict` that need a
+    model to run, not a trained one (the shared training takes minutes)."""
+    import json
+
+    import keras
+
+    from mdfer.config import load_config
+    from mdfer.export import _saved_model, heads_json, tflite_bytes
+    from mdfer.layout import HEADS_FILE, TFLITE_FLOAT32
+
+    config = load_config(None)
+    config.model.image_size = 16
+    folder = tmp_path_factory.mktemp("tiny-model")
+    inputs = keras.Input((16, 16, 3), name="image")
+    features = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs)))
+    described = heads_json(config, "inside the model")
+    model = keras.Model(inputs, {name: keras.layers.Dense(len(head["classes"]), activation="softmax", name=name)(features)
+                                 for name, head in described["heads"].items()})
+    path = folder / TFLITE_FLOAT32
+    path.write_bytes(tflite_bytes(_saved_model(model, 16, folder / "saved")))
+    (folder / HEADS_FILE).write_text(json.dumps(described))
+    return path

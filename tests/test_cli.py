@@ -35,6 +35,10 @@ def test_help_lists_every_step():
     (["prepare", "--data-root", "fer2013={tmp}/empty", "--data-root", "fane={tmp}/empty"], "fer2013: no files under"),
     (["export", "--run-id", "nothing-here", "--store", "{tmp}"], "no finished run or sweep there"),
     (["pipeline", "--store", "ftp://host/x"], "ftp://host/x: unsupported location"),
+    (["prepare", "--set", "trian.workers=1"], "--set trian.workers: unknown key trian (allowed: data, export"),
+    (["train", "--set", "train.stages.0.lr=0", "--dataset-id", "ds-0", "--run-id", "x"],
+     "<embedded default.yaml> with --set train.stages.0.lr: train.stages[0].lr: 0.0 must be > 0"),
+    (["evaluate", "--run-id", "x", "--set", "model.dropout=0.1"], "--set changes the --config file's options"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "broken.yaml").write_text("data: [unclosed\n")

@@ -329,19 +329,20 @@ def test_entrypoints_exist():
 
 
 def runtime_env_problems(runtime_env: dict, job_env: dict) -> list[str]:
-    """runtime_env.yaml installs exactly pyproject's dependencies (the requirements files it reads;
-    ray comes with the image),
+    """runtime_env.yaml installs exactly pyproject's dependencies and its train extra (the
+    requirements files it reads; ray comes with the image),
     the RayJob's runtimeEnvYAML differs from it only in where the code comes from, and Ray
     itself accepts both."""
     from ray.runtime_env import RuntimeEnv
 
     problems = []
-    files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]["dependencies"]["file"]
-    deps = [line.strip() for name in files for line in (REPO / name).read_text().splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    dynamic = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
+    files = dynamic["dependencies"]["file"] + dynamic["optional-dependencies"]["train"]["file"]
+    deps = [line.split("#")[0].strip() for name in files for line in (REPO / name).read_text().splitlines()
+            if line.split("#")[0].strip()]
     wanted = [d for d in deps if not re.match(r"ray\b", d)]
     if runtime_env.get("pip", {}).get("packages") != wanted:
-        problems.append(f"runtime_env pip packages differ from pyproject dependencies without ray: {wanted}")
+        problems.append(f"runtime_env pip packages differ from pyproject dependencies and train extra without ray: {wanted}")
     if runtime_env.get("working_dir") != ".":
         problems.append("runtime_env working_dir is not '.'")
     code_fields = ("working_dir", "excludes")

@@ -260,3 +260,92 @@ def test_every_packaged_config_loads(name):
         assert [d.name for d in config.data.domains] == ["fer2013", "sfew"]
         with pytest.raises(ConfigError, match=r"data.domains\[0\].root \(fer2013\): missing"):
             require_roots(config)
+
+
+# --- `--set KEY=VALUE`: any option from the command line, checked as the file is ---------------
+
+
+def test_set_gives_what_the_same_value_in_the_file_gives(tmp_path):
+    sets = ["train.stages.0.epochs=3", "train.stages.1.lr=1e-3", "model.stride1_blocks=[4]",
+            "stream.domain_mix={fer2013: 0.5, fane: 0.5}", "stream.augment.erase=0.25", "train.optimizer=adamw"]
+
+    def edit(c):
+        c["train"]["stages"][0]["epochs"] = 3
+        c["train"]["stages"][1]["lr"] = 1e-3
+        c["model"]["stride1_blocks"] = [4]
+        c["stream"]["domain_mix"] = {"fer2013": 0.5, "fane": 0.5}
+        c["stream"].setdefault("augment", {})["erase"] = 0.25
+        c["train"]["optimizer"] = "adamw"
+    in_file = load_config(write(tmp_path, edit))
+    (tmp_path / "plain.yaml").write_text(DEFAULT.read_text())
+    on_line = load_config(tmp_path / "plain.yaml", overrides=sets)
+    assert on_line.to_dict() == in_file.to_dict()
+    assert isinstance(on_line.train.stages[1].lr, float) and on_line.train.stages[0].epochs == 3
+    assert on_line.source == f"{tmp_path / 'plain.yaml'} with --set " + ", ".join(s.split("=")[0] for s in sets)
+    # on the embedded config too, and a relative root starts at the config file as the file's would
+    assert load_config(None, overrides=["train.workers=1"]).train.workers == 1
+    rooted = load_config(tmp_path / "plain.yaml", overrides=["data.domains.1.root=fane-data"])
+    assert rooted.domain("fane").root == str(tmp_path / "fane-data")
+
+
+@pytest.mark.parametrize("item, words", [
+    ("train.stagse.0.epochs=3", "--set train.stagse.0.epochs: unknown key train.stagse (allowed: class_weighting"),
+    ("source=x", "--set source: unknown key source (allowed:"),
+    ("train.stages.3.epochs=3", "--set train.stages.3.epochs: train.stages has 3 item(s), no item 3"),
+    ("train.stages.first.epochs=3", "--set train.stages.first.epochs: train.stages is a list: 'first' is not an item number"),
+    ("train.workers.max=3", "--set train.workers.max: train.workers is a single value, with no key 'max'"),
+    ("train.stages.0.epochs", "--set 'train.stages.0.epochs': expected KEY=VALUE"),
+    ("train.stages.0.epochs=[3", "--set train.stages.0.epochs: not valid YAML: "),
+])
+def test_set_of_no_option_is_one_line_naming_it(item, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides=[item])
+    assert str(error.value).startswith(words) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("item, key, words", [
+    ("train.stages.0.epochs=three", "train.stages[0].epochs", "expected int, got str 'three'"),
+    ("train.stages.0.lr=0", "train.stages[0].lr", "must be > 0"),
+    ("model.stride1_blocks=4", "model.stride1_blocks", "expected a list, got int"),
+    ("stream.domain_mix={fer2013: 1}", "stream.domain_mix", "missing: ['fane']"),
+    ("train.workers=3", "stream.batch_size", "does not divide evenly over 3 workers"),
+])
+def test_a_bad_value_from_set_is_the_file_s_own_error(item, key, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides=[item])
+    source = f"<embedded default.yaml> with --set {item.split('=')[0]}"
+    assert str(error.value).startswith(f"{source}: {key}: ") and words in str(error.value), str(error.value)
+
+
+def test_set_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"^--set train.workers: given twice$"):
+        load_config(None, overrides=["train.workers=1", "train.workers=2"])
+
+
+def test_set_is_recorded_in_the_run_and_moves_the_pipeline_run_id(tmp_path):
+    from mdfer.runs import derived_run_id, read_run_config, write_run_record
+    from mdfer.storage import Store
+
+    roots = {"fer2013": "/a", "fane": "/b"}
+    plain = load_config(None, roots)
+    changed = load_config(None, roots, overrides=["train.stages.0.epochs=1"])
+    same = load_config(None, roots, overrides=[f"train.stages.0.epochs={plain.train.stages[0].epochs}"])
+    later_at_default = load_config(None, roots, overrides=["train.optimizer=adam"])  # a later option, at its default
+    assert derived_run_id(changed, "ds-1") != derived_run_id(plain, "ds-1")
+    assert derived_run_id(same, "ds-1") == derived_run_id(later_at_default, "ds-1") == derived_run_id(plain, "ds-1")
+    store = Store(str(tmp_path / "store"))
+    write_run_record(store, "runs/r", changed, "r", "ds-1")
+    recorded = read_run_config(store, "runs/r")
+    assert recorded.train.stages[0].epochs == 1 and recorded.identity() == changed.identity()
+
+
+def test_workers_option_is_a_set_of_train_workers():
+    from mdfer.cli import _load, build_parser
+
+    args = build_parser().parse_args(["train", "--dataset-id", "ds-1", "--run-id", "r", "--workers", "4"])
+    assert _load(args).train.workers == 4
+    args = build_parser().parse_args(["train", "--dataset-id", "ds-1", "--run-id", "r", "--workers", "3"])
+    with pytest.raises(ConfigError, match=r"stream.batch_size: 32 does not divide evenly over 3 workers"):
+        _load(args)  # checked as the file's own value is (it used to be set after validation)
+    args = build_parser().parse_args(["prepare", "--set", "train.workers=1", "--set", "model.dropout=0.3"])
+    assert (_load(args).train.workers, _load(args).model.dropout) == (1, 0.3)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mdfer import synth
 from mdfer.config import load_config
+from mdfer.dataset import DatasetManifest
 from mdfer.errors import DataError, MdferError
 from mdfer.ingest import prepare
 from mdfer.layout import dataset_key
@@ -72,25 +73,24 @@ def fer_only(root: str, **overrides):
     return config
 
 
-def read_rows(store: Store, manifest: dict) -> list[dict]:
+def read_rows(store: Store, manifest: DatasetManifest) -> list[dict]:
     rows = []
-    for split, shards in manifest["shards"].items():
-        for shard in shards:
-            data = store.read_bytes(f"{dataset_key(manifest['dataset_id'])}/{shard['file']}")
-            rows += pq.read_table(io.BytesIO(data)).to_pylist()
+    for split in manifest.shards:
+        for key in manifest.shard_keys(split):
+            rows += pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist()
     return rows
 
 
-def check_accounting(root: Path, fates: dict[str, str], manifest: dict, store: Store) -> None:
+def check_accounting(root: Path, fates: dict[str, str], manifest: DatasetManifest, store: Store) -> None:
     on_disk = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    totals = manifest["totals"]
-    assert totals["scanned"] == len(on_disk)
-    assert totals["scanned"] == totals["accepted"] + totals["rejected"] + totals["duplicates"]
-    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
-    dropped = {p for d in manifest["duplicates"] for p in d["dropped"]}
+    totals = manifest.totals
+    assert totals.scanned == len(on_disk)
+    assert totals.scanned == totals.accepted + totals.rejected + totals.duplicates
+    rejected = {r.path: r.reason for r in manifest.rejected}
+    dropped = {p for d in manifest.duplicates for p in d.dropped}
     rows = read_rows(store, manifest)
     accepted = {r["source_path"] for r in rows}
-    assert len(rows) == totals["accepted"] == len(accepted)
+    assert len(rows) == totals.accepted == len(accepted)
     # every file is in exactly one place
     assert set(on_disk) == accepted | set(rejected) | dropped
     assert not (accepted & set(rejected)) and not (accepted & dropped) and not (dropped & set(rejected))
@@ -101,15 +101,15 @@ def check_accounting(root: Path, fates: dict[str, str], manifest: dict, store: S
             assert path in dropped
         else:
             assert rejected[path].startswith(fate), (path, rejected[path])
-    conflicts = [d for d in manifest["duplicates"] if d["conflicting_labels"]]
-    assert [d["dropped"] for d in conflicts] == [["train/happy/dup_conflict.jpg"]]
-    assert conflicts[0]["labels"] == ["happy", "sad"] and conflicts[0]["kept"].startswith("test/sad/")
+    conflicts = [d for d in manifest.duplicates if d.conflicting_labels]
+    assert [d.dropped for d in conflicts] == [["train/happy/dup_conflict.jpg"]]
+    assert conflicts[0].labels == ["happy", "sad"] and conflicts[0].kept.startswith("test/sad/")
     # no image of val or test also in train
     hashes = {s: {r["content_hash"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
     assert not hashes["train"] & hashes["test"] and not hashes["train"] & hashes["val"]
     # counts agree with the rows, per split and class
     for split in ("train", "val", "test"):
-        for cls, n in manifest["counts"]["fer2013"][split].items():
+        for cls, n in manifest.counts["fer2013"][split].items():
             assert n == sum(1 for r in rows if r["split"] == split and r["label_name"] == cls)
 
 
@@ -120,9 +120,9 @@ def test_hostile_folder_local_and_s3_stores(tmp_path, s3_env, s3_prefix):
     local = Store(str(tmp_path / "store"))
     manifest = prepare(config, local)
     check_accounting(root, fates, manifest, local)
-    assert not manifest["skipped"]
+    assert not manifest.skipped
     # val is carved out of train (given test kept as is), stratified: every class keeps train rows
-    counts = manifest["counts"]["fer2013"]
+    counts = manifest.counts["fer2013"]
     assert sum(counts["val"].values()) > 0
     assert all(n > 0 for n in counts["train"].values())
     assert sum(counts["test"].values()) == 7 * 3
@@ -130,8 +130,8 @@ def test_hostile_folder_local_and_s3_stores(tmp_path, s3_env, s3_prefix):
     remote = Store(s3_prefix)
     s3_manifest = prepare(config, remote)
     check_accounting(root, fates, s3_manifest, remote)
-    assert s3_manifest["dataset_id"] == manifest["dataset_id"]
-    prefix = dataset_key(manifest["dataset_id"])
+    assert s3_manifest.dataset_id == manifest.dataset_id
+    prefix = dataset_key(manifest.dataset_id)
     local_files, s3_files = local.list_files(prefix), remote.list_files(prefix)
     assert local_files == s3_files
     for key in local_files:
@@ -145,35 +145,35 @@ def test_source_on_s3_gives_the_same_dataset(tmp_path, s3_env, s3_prefix):
     source = Store(f"{s3_prefix}/source")
     for path in root.rglob("*.jpg"):
         source.write_bytes(str(path.relative_to(root)), path.read_bytes())
-    local_id = prepare(fer_only(str(root)), Store(str(tmp_path / "a")))["dataset_id"]
+    local_id = prepare(fer_only(str(root)), Store(str(tmp_path / "a"))).dataset_id
     s3_manifest = prepare(fer_only(source.uri), Store(str(tmp_path / "b")))
-    assert s3_manifest["dataset_id"] == local_id
-    assert s3_manifest["totals"]["accepted"] == 7 * 6
+    assert s3_manifest.dataset_id == local_id
+    assert s3_manifest.totals.accepted == 7 * 6
 
 
-def _prepared_fer(tmp_path: Path, per_class: int, seed: int) -> tuple[Path, Store, dict, str]:
+def _prepared_fer(tmp_path: Path, per_class: int, seed: int) -> tuple[Path, Store, DatasetManifest, str]:
     """Generated FER-like faces prepared into a local store: (root, store, manifest, dataset key)."""
     root = tmp_path / "fer"
     synth.write_fer_like(root, train_per_class=per_class, test_per_class=2, seed=seed)
     store = Store(str(tmp_path / "store"))
     manifest = prepare(fer_only(str(root)), store)
-    return root, store, manifest, dataset_key(manifest["dataset_id"])
+    return root, store, manifest, dataset_key(manifest.dataset_id)
 
 
 def test_rerun_does_no_work_and_same_input_same_bytes(tmp_path):
     root, store, first, prefix = _prepared_fer(tmp_path, per_class=8, seed=1)
     stamps = {k: Path(store.path(k)).stat().st_mtime_ns for k in store.list_files(prefix)}
     second = prepare(fer_only(str(root)), store)
-    assert second["skipped"] and second["dataset_id"] == first["dataset_id"]
+    assert second.skipped and second.dataset_id == first.dataset_id
     assert {k: Path(store.path(k)).stat().st_mtime_ns for k in store.list_files(prefix)} == stamps
     # a second store from the same input: same id, byte-identical shards
     other = Store(str(tmp_path / "other"))
-    assert prepare(fer_only(str(root)), other)["dataset_id"] == first["dataset_id"]
+    assert prepare(fer_only(str(root)), other).dataset_id == first.dataset_id
     for key in stamps:
         if key.endswith(".parquet"):
             assert other.read_bytes(key) == store.read_bytes(key)
     # a different split seed is a different dataset
-    assert prepare(fer_only(str(root), split_seed=99), other)["dataset_id"] != first["dataset_id"]
+    assert prepare(fer_only(str(root), split_seed=99), other).dataset_id != first.dataset_id
 
 
 def test_interrupted_write_is_redone_not_trusted(tmp_path):
@@ -185,7 +185,7 @@ def test_interrupted_write_is_redone_not_trusted(tmp_path):
     Path(store.path(shard)).write_bytes(good[shard][:100])
     store.write_bytes(f"{prefix}/shards/train/part-stray-00009.parquet", b"junk")
     again = prepare(fer_only(str(root)), store)
-    assert not again["skipped"]
+    assert not again.skipped
     assert {k: store.read_bytes(k) for k in store.list_files(prefix)} == good
 
 
@@ -195,7 +195,7 @@ def test_no_split_dataset_gets_stratified_train_val_test(tmp_path):
     config = load_config(None, {"fane": str(root)})
     config.data.domains = [config.domain("fane")]
     manifest = prepare(config, Store(str(tmp_path / "store")))
-    counts = manifest["counts"]["fane"]
+    counts = manifest.counts["fane"]
     for cls in config.domain("fane").classes:
         assert counts["train"][cls] + counts["val"][cls] + counts["test"][cls] == 20
         assert counts["test"][cls] == 3 and counts["val"][cls] == 2  # 15% and 10% of 20
@@ -227,33 +227,31 @@ def test_train_far_blurrier_than_test_is_a_warning_with_figures(tmp_path, caplog
     """The shift that sank the first real run (fer2013-dev's train images are all blurred)."""
     from PIL import ImageFilter
 
-    from mdfer.ingest import dataset_summary_lines
-
     root = tmp_path / "fer"
     synth.write_fer_like(root, train_per_class=10, test_per_class=3, seed=5)
     store = Store(str(tmp_path / "store"))
     sharp = prepare(fer_only(str(root)), store)
-    assert sharp["warnings"] == []
+    assert sharp.warnings == []
     for path in (root / "train").rglob("*.jpg"):
         with Image.open(path) as image:
             image.filter(ImageFilter.GaussianBlur(2.5)).save(path, quality=95)
 
     with caplog.at_level("WARNING", logger="mdfer.ingest"):
         blurred = prepare(fer_only(str(root)), store)
-    stats = blurred["sharpness"]["fer2013"]
-    assert set(stats) == {"train", "val", "test"} and stats["test"]["n"] == 7 * 3
-    assert stats["train"]["p10"] <= stats["train"]["p50"] <= stats["train"]["p90"]
-    assert stats["test"]["p50"] == sharp["sharpness"]["fer2013"]["test"]["p50"]  # test untouched
-    assert stats["test"]["p50"] > 4 * stats["train"]["p50"]
-    [warning] = blurred["warnings"]
+    stats = blurred.sharpness["fer2013"]
+    assert set(stats) == {"train", "val", "test"} and stats["test"].n == 7 * 3
+    assert stats["train"].p10 <= stats["train"].p50 <= stats["train"].p90
+    assert stats["test"].p50 == sharp.sharpness["fer2013"]["test"].p50  # test untouched
+    assert stats["test"].p50 > 4 * stats["train"].p50
+    [warning] = blurred.warnings
     assert warning.startswith("fer2013: the train images are ") and "blurrier than the test images" in warning
-    assert stats["val"]["p50"] < 4 * stats["train"]["p50"]  # carved from train: blurred alike, no warning
-    assert f"{stats['test']['p50']}" in warning and "model.inference_lowpass" in warning
+    assert stats["val"].p50 < 4 * stats["train"].p50  # carved from train: blurred alike, no warning
+    assert f"{stats['test'].p50}" in warning and "model.inference_lowpass" in warning
     assert warning in caplog.text
-    assert any(line.startswith("  fer2013 median sharpness") for line in dataset_summary_lines(blurred))
+    assert any(line.startswith("  fer2013 median sharpness") for line in blurred.summary_lines())
     caplog.clear()
     with caplog.at_level("WARNING", logger="mdfer.ingest"):
-        assert prepare(fer_only(str(root)), store)["skipped"]
+        assert prepare(fer_only(str(root)), store).skipped
     assert warning in caplog.text  # said again when the dataset is reused
 
 
@@ -282,7 +280,7 @@ def test_links_and_odd_names_each_one_entry_with_its_fate(tmp_path):
     os.mkdir(os.fsencode(train) + b"/\xff-folder")
 
     manifest = prepare(fer_only(str(root)), Store(str(tmp_path / "store")))
-    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    rejected = {r.path: r.reason for r in manifest.rejected}
     assert rejected == {
         "train/angry/loop": "link to a folder (not followed)",
         "train/contempt": "link to a folder (not followed)",
@@ -291,14 +289,14 @@ def test_links_and_odd_names_each_one_entry_with_its_fate(tmp_path):
         "train/neutral/caf\\xe9.jpg": "file name is not valid UTF-8",
         "train/\\xff-folder": "folder name is not valid UTF-8",
     }
-    totals = manifest["totals"]
+    totals = manifest.totals
     plain_files = 7 * (3 + 1)
-    assert totals["scanned"] == plain_files + 1 + len(rejected)  # + the followed file link
-    assert totals["scanned"] == totals["accepted"] + totals["rejected"] + totals["duplicates"]
+    assert totals.scanned == plain_files + 1 + len(rejected)  # + the followed file link
+    assert totals.scanned == totals.accepted + totals.rejected + totals.duplicates
     # the followed link is a byte copy of a happy image: a duplicate with a conflicting label
-    [dup] = manifest["duplicates"]
-    assert "train/sad/linked_from_outside.jpg" in [dup["kept"], *dup["dropped"]] and dup["conflicting_labels"]
-    assert totals["accepted"] == plain_files
+    [dup] = manifest.duplicates
+    assert "train/sad/linked_from_outside.jpg" in [dup.kept, *dup.dropped] and dup.conflicting_labels
+    assert totals.accepted == plain_files
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:
@@ -354,12 +352,12 @@ def test_every_pillow_mode_decodes_to_the_right_8_bit_image_or_is_refused(tmp_pa
     (happy / "big.png").write_bytes(_encoded(Image.new("L", (300, 200), 9).point(lambda v: v), "PNG"))
     config = fer_only(str(root), max_image_pixels=50_000)
     manifest = prepare(config, Store(str(tmp_path / "store")))
-    rejected = {r["path"].split("/")[-1]: r["reason"] for r in manifest["rejected"]}
+    rejected = {r.path.split("/")[-1]: r.reason for r in manifest.rejected}
     assert rejected["hot.tiff"].startswith("unsupported pixels: float pixels above 255")
     assert rejected["bomb.png"].startswith("too large: ") and "Pillow refuses it" in rejected["bomb.png"]
     assert rejected["big.png"] == "too large: 300x200 = 0.06 megapixels > data.max_image_pixels (0.05 M)"
     assert len(rejected) == 3  # every other mode was accepted
-    assert manifest["counts"]["fer2013"]["train"]["happy"] + manifest["counts"]["fer2013"]["val"]["happy"] == 2 + len(cases)
+    assert manifest.counts["fer2013"]["train"]["happy"] + manifest.counts["fer2013"]["val"]["happy"] == 2 + len(cases)
 
 
 def test_tiny_classes_and_empty_splits_are_warned(tmp_path, caplog):
@@ -367,12 +365,12 @@ def test_tiny_classes_and_empty_splits_are_warned(tmp_path, caplog):
     synth.write_fer_like(root, train_per_class=1, test_per_class=1, seed=9)
     with caplog.at_level("WARNING", logger="mdfer.ingest"):
         manifest = prepare(fer_only(str(root)), Store(str(tmp_path / "store")))
-    assert sum(manifest["counts"]["fer2013"]["val"].values()) == 0  # one image per class: none to carve
-    assert "fer2013: the val split is empty (7 train images)" in manifest["warnings"][0]
-    assert manifest["warnings"][0] in caplog.text
+    assert sum(manifest.counts["fer2013"]["val"].values()) == 0  # one image per class: none to carve
+    assert "fer2013: the val split is empty (7 train images)" in manifest.warnings[0]
+    assert manifest.warnings[0] in caplog.text
     synth.write_fer_like(root, train_per_class=12, test_per_class=1, seed=9)
     for path in sorted((root / "train" / "disgust").glob("*.jpg"))[1:]:
         path.unlink()  # one disgust image left: it stays in train
-    warned = prepare(fer_only(str(root)), Store(str(tmp_path / "store2")))["warnings"]
+    warned = prepare(fer_only(str(root)), Store(str(tmp_path / "store2"))).warnings
     assert warned == ["fer2013: no validation image of class disgust (training has 1): "
                       "its F1 on validation is 0 whatever the model does"]

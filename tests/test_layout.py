@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 import mdfer
-from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, CONFIG_FILE, FINAL_WEIGHTS_FILE, FLIP_SUFFIX,
+from mdfer.layout import (BEST_TRIAL_FILE, BEST_WEIGHTS_FILE, CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_STATE_FILE,
+                          CHECKPOINT_WEIGHTS_FILE, CONFIG_FILE, FINAL_WEIGHTS_FILE, FLIP_SUFFIX,
                           MANIFEST_FILE, METRICS_FILE, RUN_FILE, STAGE_DONE_FILE, confusion_file, data_report_name,
                           dataset_key, export_key, model_report_key, report_key, run_key, shard_file, source_prefix,
                           split_report_name, stage_key, sweep_key, trial_key)
@@ -40,8 +41,13 @@ def test_keys_are_the_ones_users_know():
     assert model_report_key("m", "0123456789ab", "d") == "evaluations/m-0123456789ab/d"
     assert export_key(source_prefix(run_id="r"), MANIFEST_FILE) == "runs/r/export/manifest.json"
     assert export_key(source_prefix(sweep_id="s")) == "sweeps/s/export"
+    # inside each Ray checkpoint: what older runs' checkpoints hold, plus the optimizer's state
+    assert (CHECKPOINT_WEIGHTS_FILE, CHECKPOINT_STATE_FILE, CHECKPOINT_OPTIMIZER_FILE) == (
+        "model.weights.h5", "state.json", "optimizer.npz")
 
 
 def test_layout_is_a_leaf_and_artifacts_does_not_import_export():
     assert _mdfer_imports("layout") == set()
     assert "mdfer.export" not in _mdfer_imports("artifacts")
+    # a sweep's results find a checkpoint's files without loading the training loop (and Ray Data)
+    assert "mdfer.train_loop" not in _mdfer_imports("sweep_results")

@@ -12,14 +12,20 @@ from PIL import Image
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from mdfer.config import AugmentConfig
+from mdfer.dataset import DatasetManifest, DomainClasses, Totals
 from mdfer.images import augment_image, decode_image
 from mdfer.stream import (IDLE_STEP_SLEEP_S, TRAIN_PREFIX, EpochPlan, IdleBackoff,
                           configure_data_context, eval_dataset, iter_train_batches,
                           plan_epoch, train_datasets)
 
 
-def manifest_with(train_sizes: dict[str, int]) -> dict:
-    return {"counts": {d: {"train": {"a": n}} for d, n in train_sizes.items()}}
+def manifest_with(train_sizes: dict[str, int]) -> DatasetManifest:
+    return DatasetManifest(dataset_id="ds-x", schema_version=1, mdfer_version="0", config={},
+                           domains={d: DomainClasses(["a"]) for d in train_sizes},
+                           counts={d: {"train": {"a": n}} for d, n in train_sizes.items()},
+                           totals=Totals(scanned=sum(train_sizes.values()), accepted=sum(train_sizes.values()),
+                                         rejected=0, duplicates=0, duplicate_groups=0, conflicting_label_groups=0),
+                           rejected=[], duplicates=[], shards={})
 
 
 def test_plan_shares_batches_by_size_or_mix(synth_dataset):
@@ -95,7 +101,7 @@ def test_an_epoch_that_takes_a_dataset_exactly_once_streams(synth_dataset, ray_s
     config, store, manifest = (synth_dataset[k] for k in ("config", "store", "manifest"))
     config = copy.deepcopy(config)
     config.model.image_size = 32
-    sizes = {d: sum(manifest["counts"][d]["train"].values()) for d in ("fer2013", "fane")}
+    sizes = manifest.split_sizes("train")
     plan = EpochPlan(("fer2013", "fane"), {"fer2013": 1, "fane": 1}, sizes["fer2013"], 1)
     assert plan.rows_per_epoch("fer2013") == sizes["fer2013"] and plan.rows_per_epoch("fane") != sizes["fane"]
     shards = {name: ds.streaming_split(1, equal=True)[0]
@@ -105,7 +111,7 @@ def test_an_epoch_that_takes_a_dataset_exactly_once_streams(synth_dataset, ray_s
     fer_labels = np.concatenate([b["label"][b["domain"] == 0] for b in batches])
     classes = config.data.domains[0].classes
     assert np.bincount(fer_labels, minlength=len(classes)).tolist() == \
-        [manifest["counts"]["fer2013"]["train"][c] for c in classes]  # every image once
+        [manifest.counts["fer2013"]["train"][c] for c in classes]  # every image once
 
 
 def _epochs_of_batches(store, manifest, config, epochs: int = 2, shuffle_buffer: int = 64) -> list[str]:
@@ -146,7 +152,7 @@ def test_eval_stream_is_deterministic_and_complete(synth_dataset, ray_session):
     config.model.image_size = 32
     first = eval_dataset(store, manifest, config, "val").take_all()
     second = eval_dataset(store, manifest, config, "val").take_all()
-    n_val = sum(sum(c["val"].values()) for c in manifest["counts"].values())
+    n_val = sum(manifest.split_sizes("val").values())
     assert len(first) == n_val
     key = lambda r: (int(r["domain"]), int(r["label"]), r["image"].tobytes())  # noqa: E731
     assert sorted(map(key, first)) == sorted(map(key, second))

@@ -141,7 +141,7 @@ def sweep_setup(synth_dataset, tmp_path_factory) -> dict:
             "scheduler": {"name": "asha", "grace_period": 1}, "num_samples": 2,
             "max_concurrent_trials": 1 if name == "stage2" else 2}))
     return {"config": config, "spaces": spaces, "store": synth_dataset["store"],
-            "dataset_id": synth_dataset["manifest"]["dataset_id"]}
+            "dataset_id": synth_dataset["manifest"].dataset_id}
 
 
 # ---------------------------------------------------------------- search-space files

@@ -1,16 +1,20 @@
 """A stage whose one worker is killed mid-way resumes from its last registered checkpoint
 (two workers losing a whole node: tests/test_nodes.py), printing only lines for people,
 opening no listener of its own and loading no TensorFlow in Ray Train's controller; `kill` to
-the driver stops a run as Ctrl-C does.
+the driver stops a run as Ctrl-C does; a resumed stage goes on with the optimizer state it stopped
+with.
 
-`mdfer train` runs in a subprocess, which starts (and stops) its own local Ray.
+`mdfer train` runs in a subprocess, which starts (and stops) its own local Ray; the resume of
+the optimizer runs the stage in this process, on the module's own local Ray (`ray_session`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -43,7 +48,7 @@ def small(tmp_path_factory) -> dict:
     config, raw = generated_demo_config(root, fer_train=40, fer_test=2, fane=30, seed=41, edit=shrink)
     store = Store(str(root / "store"))
     return {"config": config, "raw": raw, "store": store,
-            "dataset_id": prepare(load_config(config), store)["dataset_id"]}
+            "dataset_id": prepare(load_config(config), store).dataset_id}
 
 
 def _train_in_background(data: dict, tmp_path: Path, run_id: str, raw: dict,
@@ -187,6 +192,65 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(small, tmp_path):
     while left := [pid for pid in started if _running(pid)]:
         assert time.time() < deadline, f"left running: {[_cmdline(pid)[:80] for pid in left]}"
         time.sleep(0.5)
+
+
+@pytest.mark.slow  # trains with Ray
+def test_a_resumed_stage_goes_on_with_the_optimizer_it_stopped_with(small, ray_session, tmp_path, caplog):
+    """A one-worker stage run for one epoch, then for two in the same folder (as a resubmitted job:
+    Ray Train resumes from the folder's latest checkpoint). The resumed worker restores the
+    optimizer's iteration saved with epoch 1 and carries on from it; built from that checkpoint,
+    the stage starts epoch 2 with epoch 1's iteration and moments, equal to the bit. A checkpoint
+    written before optimizer state was saved still resumes: weights only, in one line."""
+    from ray.train import Checkpoint
+
+    from mdfer.dataset import read_manifest
+    from mdfer.layout import CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_STATE_FILE
+    from mdfer.optimizer_state import CLASS_KEY, ITERATION_KEY, optimizer_state, read_optimizer_file
+    from mdfer.stages import fit_stage
+    from mdfer.stream import plan_epoch
+    from mdfer.train_loop import build_stage
+
+    store, manifest = small["store"], read_manifest(small["store"], small["dataset_id"])
+
+    def stage_config(epochs: int):
+        raw = json.loads(json.dumps(small["raw"]))
+        raw["train"].update(workers=1, cpus_per_worker=1)
+        raw["train"]["stages"] = [dict(raw["train"]["stages"][0], epochs=epochs, patience=epochs)]
+        (tmp_path / f"{epochs}.yaml").write_text(yaml.safe_dump(raw))
+        return load_config(tmp_path / f"{epochs}.yaml")
+
+    first = fit_stage(stage_config(1), store, "exact", 0, manifest, None)
+    with first.checkpoint.as_directory() as folder:  # epoch 1's, kept whole and as an older one would be
+        shutil.copytree(folder, tmp_path / "epoch1")
+        shutil.copytree(folder, tmp_path / "before", ignore=shutil.ignore_patterns(CHECKPOINT_OPTIMIZER_FILE))
+    saved = read_optimizer_file(tmp_path / "epoch1" / CHECKPOINT_OPTIMIZER_FILE)
+    config = stage_config(2)
+    steps = plan_epoch(manifest, config, 1).steps_per_epoch
+    assert saved.pop(CLASS_KEY) == "Adam" and int(saved[ITERATION_KEY]) == steps
+
+    caplog.set_level(logging.INFO, logger="mdfer.train")
+    resumed = fit_stage(config, store, "exact", 0, manifest, None, console=True)
+    assert f"stage1: resuming after epoch 1, optimizer at step {steps}\n" in caplog.text
+    with resumed.checkpoint.as_directory() as folder:
+        assert json.loads(Path(folder, CHECKPOINT_STATE_FILE).read_text())["epoch"] == 2
+        assert int(read_optimizer_file(Path(folder) / CHECKPOINT_OPTIMIZER_FILE)[ITERATION_KEY]) == 2 * steps
+
+    said: list[str] = []
+    parts = build_stage(config, 0, plan_epoch(manifest, config, 1), 1, None,
+                        Checkpoint.from_directory(str(tmp_path / "epoch1")), {}, said.append)
+    restored = optimizer_state(parts.optimizer)
+    assert said == [f"stage1: resuming after epoch 1, optimizer at step {steps}"]
+    assert list(restored) == list(saved) and all(np.array_equal(restored[k], saved[k]) for k in saved)
+    assert sum(np.count_nonzero(value) for value in saved.values()) > len(saved)  # real moments, not zeros
+
+    said.clear()
+    older = build_stage(config, 0, plan_epoch(manifest, config, 1), 1, None,
+                        Checkpoint.from_directory(str(tmp_path / "before")), {}, said.append)
+    assert said == ["stage1: resuming after epoch 1; weights only: the checkpoint predates saved optimizer "
+                    "state, the optimizer starts over"]
+    assert int(older.optimizer.iterations.numpy()) == 0 and older.state["epoch"] == 1
+    assert all(np.array_equal(ours.numpy(), theirs.numpy())
+               for ours, theirs in zip(older.model.weights, parts.model.weights, strict=True))
 
 
 def _loads_tensorflow(pid: int) -> bool:
