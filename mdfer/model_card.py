@@ -59,7 +59,8 @@ def render(config: Config, dataset: DatasetManifest, run: dict, plain: dict, fli
         counts = dataset.counts[name]
         lines.append(f"| {name} | " + " | ".join(f"{sum(counts[s].values()):,}" for s in ("train", "val", "test")) + " |")
     lines += ["", "## Recipe", "",
-              f"Batch {config.stream.batch_size}, domain mix {config.stream.domain_mix or 'by size'}, "
+              f"Batch {config.stream.batch_size}, domain mix "
+              f"{', '.join(f'{k} {v:g}' for k, v in config.stream.domain_mix.items()) or 'by size'}, "
               f"optimizer {config.train.optimizer}, label smoothing {config.train.label_smoothing}, "
               f"augmentation {_augment(config)}. Each stage starts from the previous stage's best "
               f"checkpoint (chosen on validation macro-F1).", "",
@@ -74,16 +75,19 @@ def render(config: Config, dataset: DatasetManifest, run: dict, plain: dict, fli
                      f"{stage.frozen_fraction:.0%} | {best.get('epoch', '-')} | {best.get('val_macro_f1', float('nan')):.4f} |")
     lines += ["", "## Results on the test split", "",
               "Chosen on validation; scored on test once, by the exported model's own Keras weights.", "",
-              "| dataset | images | accuracy | macro-F1 | accuracy, flip TTA | macro-F1, flip TTA | int8 accuracy drop |",
+              "| dataset | images | accuracy | macro-F1 | accuracy, flip TTA | macro-F1, flip TTA | int8 - float32 accuracy |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    drops = parity.get("int8_vs_float32", {}).get("accuracy_drop", {})
+    int8 = parity.get("int8_vs_float32", {})
+    drops = int8.get("accuracy_drop", {})
     for name in names:
         p, f = plain["heads"][name], flipped["heads"][name]
         drop = drops.get(name)
         lines.append(f"| {name} | {p['n']:,} | {p['accuracy']:.4f} | {p['macro_f1']:.4f} | {f['accuracy']:.4f} | "
-                     f"{f['macro_f1']:.4f} | {'-' if drop is None else f'{100 * drop:+.2f} points'} |")
-    lines += ["", f"int8 TFLite against float32 on {parity.get('images', 0):,} test images: mean macro-F1 drop "
-              f"{parity.get('int8_vs_float32', {}).get('macro_f1_drop', float('nan')):+.4f}.", "",
+                     f"{f['macro_f1']:.4f} | {'-' if drop is None else f'{0.0 - 100 * drop:+.2f} points'} |")
+    lines += ["", f"The int8 column and this line compare the int8 TFLite with the float32 one on the same "
+              f"{parity.get('images', 0):,} test images (export.parity_images; a small dataset has few of them): "
+              f"mean macro-F1 int8 - float32 = {0.0 - int8.get('macro_f1_drop', float('nan')):+.4f} "
+              f"(negative: int8 loses).", "",
               "### F1 per class (test, no TTA)", ""]
     for name in names:
         per_class = plain["heads"][name]["per_class"]
