@@ -169,7 +169,7 @@ def lite0_imagenet_arrays() -> dict[str, np.ndarray]:
         return read_state_dict(f)
 
 
-def _lite0_weight_names(backbone: keras.Model) -> dict[str, list[tuple[str, Callable]]]:
+def _lite0_weight_names() -> dict[str, list[tuple[str, Callable]]]:
     """Keras layer name -> [(checkpoint tensor, layout change)] in the order of the layer's weights."""
     conv = lambda w: w.transpose(2, 3, 1, 0)  # noqa: E731 - torch [out, in, kh, kw] -> Keras [kh, kw, in, out]
     depthwise = lambda w: w.transpose(2, 3, 0, 1)  # noqa: E731 - [C, 1, kh, kw] -> [kh, kw, C, 1]
@@ -197,7 +197,7 @@ def _lite0_weight_names(backbone: keras.Model) -> dict[str, list[tuple[str, Call
 
 def _load_lite0(backbone: keras.Model, arrays: dict[str, np.ndarray]) -> None:
     """Every weight of `backbone` from the checkpoint's arrays, each shape checked."""
-    names = _lite0_weight_names(backbone)
+    names = _lite0_weight_names()
     owners = [layer for layer in backbone.layers if layer.weights]
     if sorted(names) != sorted(layer.name for layer in owners):
         raise ValueError("efficientnet_lite0: the Keras layers and the checkpoint map differ (a bug in mdfer)")

@@ -291,7 +291,7 @@ def write_formats(model, config: Config, store: Store, dataset: DatasetManifest,
                      calib[:config.export.representative_images], out)
     log.info("export: %d px, batch 1; %d train images calibrate the int8 model", size, len(job.representative))
     convert_formats(job)
-    ops = hailo.preflight(str(out / HAILO_TFLITE))  # the ops, for the manifest (passed in convert_hailo_tflite)
+    ops = hailo.tflite_ops(str(out / HAILO_TFLITE))  # for the manifest; convert_hailo_tflite ran the pre-flight
 
     mean, std = preprocess_constants(config.model.backbone)
     np.save(out / HAILO_DIR / HAILO_CALIB_FILE, calib)
